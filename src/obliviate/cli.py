@@ -1,0 +1,147 @@
+"""The `obliviate` command. Thin: parses arguments, calls the Python API, prints results.
+
+Every user error is an ObliviateError: printed as one line `obliviate: error: ...` with exit
+code 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import ObliviateError
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate_images, image_grid
+    from .pipeline import load_pipeline
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ObliviateError(f"--out {out} must end in .png or .jpg")
+    pipe = load_pipeline(args.model, device=args.device)
+    overrides = {k: v for k, v in (("num_inference_steps", args.steps),
+                                   ("guidance_scale", args.guidance)) if v is not None}
+    images = generate_images(pipe, [args.prompt] * args.n, seed=args.seed, progress=True, **overrides)
+    scale = args.scale or max(1, 128 // images.shape[1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    image_grid(images, columns=args.columns, scale=scale).save(tmp)
+    tmp.replace(out)
+    print(f"wrote {out} ({args.n} images of {args.prompt!r})")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate.evaluation import evaluate_model
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device)
+    result = {"model": str(args.model),
+              **evaluate_model(pipe, images_per_combo=args.images_per_combo, seed=args.seed,
+                               batch_size=args.batch_size)}
+    text = json.dumps(result, indent=1)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    acc = result["accuracy"]
+    print("accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    worst = min(result["per_concept"].items(), key=lambda kv: kv[1]["accuracy"])
+    print(f"weakest concept: {worst[0]} {worst[1]['accuracy']:.3f}   fid {result['fid']:.3f}   "
+          f"{result['images']} images in {result['seconds']:.0f} s")
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def _cmd_train_base(args: argparse.Namespace) -> None:
+    from .shapes.train import BaseTrainer, TrainConfig
+
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    if work.exists() and not args.resume:
+        raise ObliviateError(f"{work} exists from an earlier run; pass --resume to continue it or remove it")
+    if out.exists() and not args.overwrite:
+        raise ObliviateError(f"{out} exists; choose another --out or pass --overwrite")
+    config = TrainConfig(seed=args.seed, device=args.device, time_budget_minutes=args.time_budget)
+    if args.unet_steps:
+        config.unet_steps = args.unet_steps
+    BaseTrainer(out, work, config).run()
+    print(f"wrote {out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    out = run_demo(Path(args.out), model=args.model)
+    print(f"wrote {out}/index.html")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `obliviate` command (one sub-command per job)."""
+    parser = argparse.ArgumentParser(
+        prog="obliviate", description="Remove concepts from text-to-image diffusion models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write a grid of images for one prompt")
+    g.add_argument("--model", default="shapes", help="shipped name, diffusers folder, .safetensors or hub id")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("-n", type=int, default=8, help="number of images")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="grid picture to write (.png)")
+    g.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--columns", type=int, default=8)
+    g.add_argument("--scale", type=int, help="upscale factor for small images (default: to 128 px)")
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("eval", help="generate the evaluation prompt set and judge it")
+    e.add_argument("--model", default="shapes")
+    e.add_argument("--json", help="write the metrics here")
+    e.add_argument("--images-per-combo", type=int, default=4)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_cmd_eval)
+
+    t = sub.add_parser("train-base", help="train the shapes model and its judge from scratch")
+    t.add_argument("--out", default="runs/shapes-base")
+    t.add_argument("--work", help="checkpoint folder (default: OUT.work)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
+    t.add_argument("--time-budget", type=float, help="stop UNet training after this many minutes")
+    t.set_defaults(func=_cmd_train_base)
+
+    d = sub.add_parser("demo", help="a tour of a model: sample grids, metrics, an HTML page")
+    d.add_argument("--model", default="shapes")
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `obliviate` console script; returns the exit code."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ObliviateError as exc:
+        print(f"obliviate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("obliviate: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Load and save diffusers Stable Diffusion pipelines, safetensors only, offline by default.
+
+A model is named by one of:
+- `shapes`: the small model shipped inside the package (trained by `obliviate train-base`);
+- a local diffusers folder (with `model_index.json`), e.g. one obliviate wrote;
+- a single `.safetensors` checkpoint file (Stable Diffusion 1.x/2.x layout);
+- a hub id such as `runwayml/stable-diffusion-v1-5`, used only from the local cache unless
+  `online=True` (or `OBLIVIATE_ONLINE=1`).
+Pickle checkpoints (.ckpt, .bin, .pt, .pth) are refused: loading them can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .errors import ObliviateError
+
+SHIPPED = {"shapes": "assets/shapes"}
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+DEFAULT_SAMPLER = {"num_inference_steps": 50, "guidance_scale": 7.5}
+
+
+def shipped_model_path(name: str) -> Path:
+    """Folder of a model shipped inside the package; clear error if it was never trained."""
+    path = Path(str(resources.files("obliviate") / SHIPPED[name]))
+    if not (path / "model_index.json").exists():
+        raise ObliviateError(
+            f"the shipped model {name!r} is missing at {path}; run `obliviate train-base` to build it"
+        )
+    return path
+
+
+def resolve_model(model: str | os.PathLike) -> Path | str:
+    """Turn a model name into a local folder/file path, or return a hub id unchanged.
+
+    Raises ObliviateError for a missing folder, a folder that is not a diffusers pipeline,
+    or a pickle checkpoint.
+    """
+    text = str(model)
+    if text in SHIPPED:
+        return shipped_model_path(text)
+    path = Path(text).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ObliviateError(
+            f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
+            ".safetensors first"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ObliviateError(f"{path} is not a .safetensors checkpoint or a diffusers folder")
+        return path
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ObliviateError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json); "
+                "point --model at the folder that holds model_index.json"
+            )
+        pickles = [p for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(path.rglob("*.safetensors")):
+            raise ObliviateError(
+                f"{path} holds only pickle weights ({pickles[0].name}); convert them to safetensors"
+            )
+        return path
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        return text
+    known = ", ".join(SHIPPED)
+    raise ObliviateError(
+        f"model {text!r} not found: give a diffusers folder, a .safetensors file, a hub id, "
+        f"or a shipped model name ({known})"
+    )
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    online: bool | None = None,
+) -> StableDiffusionPipeline:
+    """Load a StableDiffusionPipeline from any model name `resolve_model` accepts.
+
+    The safety checker is not loaded (erasure research needs the raw output); the progress
+    bar of the sampler is off (obliviate shows its own).
+    """
+    source = resolve_model(model)
+    online = online if online is not None else os.environ.get("OBLIVIATE_ONLINE") == "1"
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if isinstance(source, Path) and source.is_file():
+            pipe = StableDiffusionPipeline.from_single_file(str(source), **kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(source), use_safetensors=True, local_files_only=not online, **kwargs
+            )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if online or isinstance(source, Path) else " (offline: set OBLIVIATE_ONLINE=1 to download)"
+        raise ObliviateError(f"cannot load model {model}: {first}{hint}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    pipe.obliviate_source = str(source)
+    pipe.obliviate_info = read_model_info(source)
+    return pipe.to(device)
+
+
+def read_model_info(source: Path | str) -> dict:
+    """obliviate's metadata beside a model (`obliviate.json`): world, sampler defaults."""
+    if isinstance(source, Path) and (source / "obliviate.json").exists():
+        return json.loads((source / "obliviate.json").read_text())
+    return {}
+
+
+def sampler_settings(pipe: StableDiffusionPipeline) -> dict:
+    """Default sampler settings for a pipeline: the model's own, else Stable Diffusion's."""
+    return {**DEFAULT_SAMPLER, **getattr(pipe, "obliviate_info", {}).get("sampler", {})}
+
+
+def model_world(pipe: StableDiffusionPipeline) -> str | None:
+    """Name of the built-in world a model belongs to (`"shapes"`), or None for real models."""
+    return getattr(pipe, "obliviate_info", {}).get("world")

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random Stable Diffusion pipeline, and the shipped model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe():
+    """The shipped model, loaded once per test session."""
+    from obliviate import load_pipeline
+
+    return load_pipeline("shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_judge(shapes_pipe):
+    from obliviate.evaluate.evaluation import load_judge
+
+    return load_judge(shapes_pipe)
+
+
+@pytest.fixture()
+def tiny_pipe():
+    """A random StableDiffusionPipeline built from the world's tokenizer (seconds to build)."""
+    from obliviate.shapes.tokenizer import build_tokenizer
+    from obliviate.shapes.train import (assemble_pipeline, build_text_encoder, build_unet,
+                                        build_vae)
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    text = build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id)
+    return assemble_pipeline(build_vae(), build_unet(text.config.hidden_size), text, tok)

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from obliviate.shapes import vocab, world
+
+
+def test_render_is_deterministic_and_pose_varies_with_seed():
+    scene = world.Scene("star", "red", "striped", "white")
+    a, b = world.render(scene, seed=3), world.render(scene, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, world.render(scene, seed=4))
+
+
+def test_every_concept_changes_the_picture():
+    base = world.Scene("circle", "red", "solid", "white")
+    ref = world.render(base, seed=0)
+    for kind, field in (("object", "object"), ("colour", "colour"), ("style", "style"),
+                        ("background", "background")):
+        for c in vocab.BY_KIND[kind]:
+            if c.name == getattr(base, field):
+                continue
+            other = world.Scene(**{**base.__dict__, field: c.name})
+            diff = np.abs(world.render(other, seed=0).astype(int) - ref).mean()
+            assert diff > 2.0, (kind, c.name, diff)
+
+
+def test_world_sizes_and_related_pairs():
+    assert len(vocab.OBJECTS) >= 6 and len(vocab.COLOURS) >= 6
+    assert len(vocab.STYLES) >= 4 and len(vocab.BACKGROUNDS) >= 3
+    for c in (*vocab.OBJECTS, *vocab.STYLES):
+        assert c.synonyms, c.name
+        for r in c.related:
+            assert vocab.CONCEPTS[r].kind == c.kind
+
+
+def test_captions_use_synonyms_and_name_the_scene():
+    rng = np.random.default_rng(0)
+    scene = world.Scene("circle", "blue", "dotted", "black")
+    texts = {world.caption(scene, rng, "a {c} {s} {o}") for _ in range(50)}
+    assert any("disc" in t for t in texts) and any("circle" in t for t in texts)
+    assert all(("blue" in t or "navy" in t) for t in texts)
+
+
+def test_unknown_concept_lists_known_names():
+    with pytest.raises(KeyError, match="knows: .*circle"):
+        vocab.concept("zebra")
+    assert vocab.concept("Disc").name == "circle"
