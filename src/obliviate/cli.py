@@ -81,6 +81,69 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"wrote {out}/index.html")
 
 
+def _parse_options(pairs: list[str]) -> dict:
+    """`--set key=value` pairs to a dict; values parsed as JSON where they parse."""
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ObliviateError(f"--set {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _cmd_erase(args: argparse.Namespace) -> None:
+    from .erase import erase
+    from .pipeline import load_pipeline
+    from .request import Request
+
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    request = Request(tuple(args.concept or ()), args.anchor, tuple(args.preserve or ()))
+    pipe = load_pipeline(args.model, device=args.device)
+    result = erase(pipe, request, method=args.method, out=args.out, steps=args.steps, lr=args.lr,
+                   batch_size=args.batch_size, seed=args.seed, options=_parse_options(args.set),
+                   save=args.save, overwrite=args.overwrite, new_lineage=args.new_lineage,
+                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+    e = result.entry
+    pairs = ", ".join(f"{t['name']} -> {a or '(empty)'}" for t, a in zip(e.request["targets"], e.request["anchors"]))
+    print(f"step {e.step}: {args.method} removed {pairs} in {e.seconds:.1f} s; "
+          f"{e.bytes_stored / 1e6:.2f} MB stored ({e.storage}); wrote {args.out}")
+
+
+def _cmd_ledger(args: argparse.Namespace) -> None:
+    from .ledger import Ledger
+
+    ledger = Ledger.load(Path(args.folder))
+    if ledger is None:
+        raise ObliviateError(f"{args.folder} has no ledger.json (not written by obliviate erase)")
+    print(json.dumps(ledger.to_json(), indent=1) if args.json else ledger.describe())
+
+
+def _cmd_rollback(args: argparse.Namespace) -> None:
+    from .erase import rollback
+
+    ledger = rollback(args.folder, args.to, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: the model after step {args.to} (sha256 {ledger.head_sha256[:12]})")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .erase import save_model
+    from .ledger import Ledger
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(args.folder)
+    ledger = Ledger.load(Path(args.folder))
+    if ledger is None:
+        raise ObliviateError(f"{args.folder} has no ledger.json (not written by obliviate erase)")
+    ledger.verify(pipe, args.folder)
+    save_model(pipe, Path(args.out), ledger, storage="full", overwrite=args.overwrite)
+    print(f"wrote {args.out} (full diffusers folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `obliviate` command (one sub-command per job)."""
     parser = argparse.ArgumentParser(
@@ -120,6 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
     t.add_argument("--time-budget", type=float, help="stop UNet training after this many minutes")
     t.set_defaults(func=_cmd_train_base)
+
+    r = sub.add_parser("erase", help="remove concepts from a model; continues its lineage")
+    r.add_argument("--model", default="shapes")
+    r.add_argument("--method", default="duge")
+    r.add_argument("--concept", action="append", help="concept to remove (repeat to remove several)")
+    r.add_argument("--anchor", help="what the concept should become (default: one of its kind)")
+    r.add_argument("--preserve", action="append", help="concept that must survive (repeatable)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--steps", type=int)
+    r.add_argument("--lr", type=float)
+    r.add_argument("--batch-size", type=int)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    r.add_argument("--save", default="full", choices=["full", "delta"])
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--new-lineage", action="store_true", help="ignore/skip the model's ledger")
+    r.add_argument("--checkpoint-every", type=int, default=0)
+    r.add_argument("--resume", action="store_true")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=_cmd_erase)
+
+    lg = sub.add_parser("ledger", help="print a model's lineage")
+    lg.add_argument("folder")
+    lg.add_argument("--json", action="store_true")
+    lg.set_defaults(func=_cmd_ledger)
+
+    rb = sub.add_parser("rollback", help="restore the model of an earlier lineage step")
+    rb.add_argument("folder")
+    rb.add_argument("--to", type=int, required=True)
+    rb.add_argument("--out", required=True)
+    rb.add_argument("--overwrite", action="store_true")
+    rb.set_defaults(func=_cmd_rollback)
+
+    ex = sub.add_parser("export", help="write a delta folder as a full diffusers folder")
+    ex.add_argument("folder")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="a tour of a model: sample grids, metrics, an HTML page")
     d.add_argument("--model", default="shapes")

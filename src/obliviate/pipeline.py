@@ -18,11 +18,19 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+from safetensors.torch import load_file
 
 from .errors import ObliviateError
 
+# obliviate shows its own progress; the libraries' per-file loading bars are noise in logs.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
+
 SHIPPED = {"shapes": "assets/shapes"}
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+DELTA_FILE = "delta.safetensors"
 DEFAULT_SAMPLER = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
 
@@ -56,6 +64,8 @@ def resolve_model(model: str | os.PathLike) -> Path | str:
             raise ObliviateError(f"{path} is not a .safetensors checkpoint or a diffusers folder")
         return path
     if path.is_dir():
+        if (path / DELTA_FILE).exists() and (path / "obliviate.json").exists():
+            return path
         if not (path / "model_index.json").exists():
             raise ObliviateError(
                 f"{path} is not a diffusers pipeline folder (no model_index.json); "
@@ -89,6 +99,8 @@ def load_pipeline(
     bar of the sampler is off (obliviate shows its own).
     """
     source = resolve_model(model)
+    if isinstance(source, Path) and (source / DELTA_FILE).exists():
+        return _load_delta(source, device, dtype, online)
     online = online if online is not None else os.environ.get("OBLIVIATE_ONLINE") == "1"
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
@@ -104,8 +116,42 @@ def load_pipeline(
         raise ObliviateError(f"cannot load model {model}: {first}{hint}") from exc
     pipe.set_progress_bar_config(disable=True)
     pipe.obliviate_source = str(source)
+    pipe.obliviate_model = str(model) if str(model) in SHIPPED or not isinstance(source, Path) \
+        else str(source.resolve())
     pipe.obliviate_info = read_model_info(source)
     return pipe.to(device)
+
+
+def _load_delta(folder: Path, device, dtype, online) -> StableDiffusionPipeline:
+    """A delta folder: load its base, check the base's hash, apply the changed tensors."""
+    from .ledger import weights_sha256
+
+    info = read_model_info(folder)
+    pipe = load_pipeline(info["delta_of"], device="cpu", dtype=dtype, online=online)
+    if weights_sha256(pipe) != info["base_sha256"]:
+        raise ObliviateError(
+            f"{folder} is a delta of {info['delta_of']}, whose weights have changed since; "
+            "the delta cannot be applied")
+    apply_delta(pipe, folder)
+    pipe.obliviate_source = str(folder)
+    pipe.obliviate_model = str(folder.resolve())
+    pipe.obliviate_info = info
+    return pipe.to(device)
+
+
+def apply_delta(pipe, folder: Path) -> None:
+    """Load the changed tensors of a delta folder (`component.name` keys) into `pipe`."""
+    tensors = load_file(Path(folder) / DELTA_FILE)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        component, name = key.split(".", 1)
+        grouped.setdefault(component, {})[name] = value
+    for component, state in grouped.items():
+        module = getattr(pipe, component)
+        missing = set(state) - set(module.state_dict())
+        if missing:
+            raise ObliviateError(f"{folder}: the delta names tensors its base lacks ({sorted(missing)[0]})")
+        module.load_state_dict(state, strict=False)
 
 
 def read_model_info(source: Path | str) -> dict:

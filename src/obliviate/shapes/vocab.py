@@ -9,6 +9,7 @@ and backgrounds, with deliberately related pairs (square/diamond, star/cross, ..
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,3 +126,8 @@ def all_words() -> list[str]:
     for c in CONCEPTS.values():
         words.update(w for phrase in c.words for w in phrase.split())
     return sorted(words)
+
+
+def fix_articles(text: str) -> str:
+    """'a outlined star' -> 'an outlined star' (captions are filled from templates)."""
+    return re.sub(r"\ba ([aeiou])", r"an \1", text)

@@ -9,7 +9,6 @@ a 4x supersampled grid and box-filtered down, so edges are anti-aliased.
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,7 +135,7 @@ def caption(scene: Scene, rng: np.random.Generator, template: str | None = None)
     for key, kind in (("o", "object"), ("c", "colour"), ("s", "style"), ("b", "background")):
         options = vocab.CONCEPTS[getattr(scene, _FIELD[kind])].words
         words[key] = options[rng.integers(len(options))]
-    return re.sub(r"\ba ([aeiou])", r"an \1", template.format(**words))
+    return vocab.fix_articles(template.format(**words))
 
 
 def random_scene(rng: np.random.Generator) -> Scene:

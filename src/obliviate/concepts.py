@@ -1,0 +1,172 @@
+"""What a model knows about its concepts: the world plug-in that requests and methods read.
+
+The engine and the methods never name the shapes world. They ask a `ConceptWorld` for:
+which concept a name means, its kind, a default anchor, what is related, prompts that name
+a concept in context, and prompts unrelated to a set of concepts (the memory bank).
+
+- `ShapesWorld` answers from the shipped vocabulary (`shapes/vocab.py`).
+- `FreeTextWorld` serves real Stable Diffusion models, where a concept is free text
+  ("Van Gogh", "a church") and prompts come from generic templates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ObliviateError
+from .shapes import vocab
+
+
+@dataclass(frozen=True)
+class Target:
+    """A concept to remove: its canonical `name`, `kind`, and the word(s) prompts use."""
+
+    name: str
+    kind: str
+    words: tuple[str, ...]
+
+
+class ConceptWorld:
+    """Interface of a concept vocabulary (see module docstring)."""
+
+    name = "abstract"
+
+    def target(self, name: str) -> Target:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def default_anchor(self, target: Target, avoid: set[str]) -> str:  # pragma: no cover
+        raise NotImplementedError
+
+    def default_preserve(self, target: Target, avoid: set[str]) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def prompt_pairs(self, target: Target, anchor: str, n: int, rng: np.random.Generator,
+                     synonyms: bool = False) -> list[tuple[str, str]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def prompts_naming(self, concept: str, n: int, rng: np.random.Generator,
+                       avoid: set[str] = frozenset()) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def memory_prompts(self, avoid: set[str], n: int, rng: np.random.Generator) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+
+_FIELD = {"object": "o", "colour": "c", "style": "s", "background": "b"}
+# Templates erasure trains on; paraphrase probes use the others and the synonyms.
+ERASURE_TEMPLATES = vocab.TEMPLATES[:5]
+
+
+class ShapesWorld(ConceptWorld):
+    """Concepts of the shipped shapes world."""
+
+    name = "shapes"
+
+    def target(self, name: str) -> Target:
+        try:
+            c = vocab.concept(name)
+        except KeyError as exc:
+            raise ObliviateError(exc.args[0]) from None
+        return Target(c.name, c.kind, c.words)
+
+    def default_anchor(self, target: Target, avoid: set[str]) -> str:
+        """First concept of the same kind that is neither removed nor related to the target."""
+        related = set(vocab.CONCEPTS[target.name].related)
+        same_kind = [c.name for c in vocab.BY_KIND[target.kind] if c.name != target.name]
+        for pool in ([n for n in same_kind if n not in avoid | related], [n for n in same_kind if n not in avoid]):
+            if pool:
+                return pool[0]
+        raise ObliviateError(f"no {target.kind} is left to anchor {target.name!r}; pass --anchor")
+
+    def default_preserve(self, target: Target, avoid: set[str]) -> list[str]:
+        """Every other concept of the target's kind that has not been removed."""
+        return [c.name for c in vocab.BY_KIND[target.kind]
+                if c.name != target.name and c.name not in avoid]
+
+    def _fill(self, template: str, fixed: dict[str, str], rng: np.random.Generator,
+              avoid: set[str], synonyms: bool) -> str:
+        words = {}
+        for kind, key in _FIELD.items():
+            if kind in fixed:
+                words[key] = fixed[kind]
+                continue
+            options = [c for c in vocab.BY_KIND[kind] if c.name not in avoid]
+            c = options[rng.integers(len(options))]
+            words[key] = c.words[rng.integers(len(c.words))] if synonyms else c.name
+        return vocab.fix_articles(template.format(**words))
+
+    def prompt_pairs(self, target, anchor, n, rng, synonyms=False):
+        """`n` (target prompt, anchor prompt) pairs: the same caption with the target's word
+        replaced by the anchor's; other concepts random (never a removed one)."""
+        templates = [t for t in ERASURE_TEMPLATES if "{" + _FIELD[target.kind] + "}" in t]
+        pairs = []
+        for _ in range(n):
+            template = templates[rng.integers(len(templates))]
+            word = target.words[rng.integers(len(target.words))] if synonyms else target.name
+            state = rng.bit_generator.state
+            p_tgt = self._fill(template, {target.kind: word}, rng, {target.name}, synonyms)
+            rng.bit_generator.state = state
+            p_anc = self._fill(template, {target.kind: anchor}, rng, {target.name}, synonyms)
+            pairs.append((p_tgt, p_anc))
+        return pairs
+
+    def prompts_naming(self, concept, n, rng, avoid=frozenset()):
+        """`n` training-style prompts naming `concept`, other slots avoiding `avoid`."""
+        c = vocab.concept(concept)
+        templates = [t for t in ERASURE_TEMPLATES if "{" + _FIELD[c.kind] + "}" in t]
+        return [self._fill(templates[rng.integers(len(templates))], {c.kind: c.name}, rng,
+                           set(avoid) | {c.name}, False) for _ in range(n)]
+
+    def memory_prompts(self, avoid, n, rng):
+        """`n` prompts naming only concepts outside `avoid` (the replay memory bank)."""
+        exhausted = [k for k, cs in vocab.BY_KIND.items() if all(c.name in avoid for c in cs)]
+        templates = [t for t in vocab.TEMPLATES
+                     if not any("{" + _FIELD[k] + "}" in t for k in exhausted)]
+        return [self._fill(templates[rng.integers(len(templates))], {}, rng, set(avoid), False)
+                for _ in range(n)]
+
+
+_FREE_TEMPLATES = ("{x}", "a photo of {x}", "a painting of {x}", "an image of {x}",
+                   "a picture of {x}, high quality", "{x}, detailed")
+_FREE_MEMORY = ("a photo of a dog", "a mountain lake at dawn", "a bowl of fruit on a table",
+                "a city street at night", "a portrait of an old man", "a red car",
+                "a forest path", "a sailing boat at sea", "a cup of coffee", "a bird on a branch")
+
+
+class FreeTextWorld(ConceptWorld):
+    """Concepts of a real model: free text, generic templates, a generic memory bank."""
+
+    name = "free"
+
+    def target(self, name: str) -> Target:
+        text = name.strip()
+        if not text:
+            raise ObliviateError("empty concept; pass the text to remove with --concept")
+        return Target(text, "free", (text,))
+
+    def default_anchor(self, target, avoid):
+        return ""
+
+    def default_preserve(self, target, avoid):
+        return []
+
+    def prompt_pairs(self, target, anchor, n, rng, synonyms=False):
+        out = []
+        for _ in range(n):
+            t = _FREE_TEMPLATES[rng.integers(len(_FREE_TEMPLATES))]
+            out.append((t.format(x=target.name), t.format(x=anchor).strip(" ,")))
+        return out
+
+    def prompts_naming(self, concept, n, rng, avoid=frozenset()):
+        return [_FREE_TEMPLATES[rng.integers(len(_FREE_TEMPLATES))].format(x=concept) for _ in range(n)]
+
+    def memory_prompts(self, avoid, n, rng):
+        pool = [p for p in _FREE_MEMORY if not any(a.lower() in p for a in avoid)]
+        return [pool[rng.integers(len(pool))] for _ in range(n)]
+
+
+def world_for(pipe) -> ConceptWorld:
+    """The concept world of a loaded pipeline (from its `obliviate.json`), else free text."""
+    return ShapesWorld() if getattr(pipe, "obliviate_info", {}).get("world") == "shapes" else FreeTextWorld()

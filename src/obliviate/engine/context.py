@@ -1,0 +1,139 @@
+"""Everything a method may read while it edits a model: the EraseContext.
+
+It holds the pipeline being edited (θ), lazily a frozen copy of it as it was before this
+request (φ), the resolved request and the lineage's earlier requests, the concept world,
+the latent cache, the training noise schedule and the accelerate `Accelerator`. Methods
+call its helpers (`encode`, `noise`, `eps`, `model_latents`) instead of touching diffusers
+internals, which is what keeps them small and model-agnostic.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from ..concepts import ConceptWorld
+from ..request import ResolvedRequest
+from .data import LatentCache
+
+
+@dataclass
+class EraseContext:
+    """The model, the request, its history, and shared helpers for methods."""
+
+    pipe: object
+    world: ConceptWorld
+    request: ResolvedRequest
+    history: list[ResolvedRequest]
+    accelerator: Accelerator
+    model_sha: str
+    base_sha: str
+    cache: LatentCache
+    seed: int = 0
+    base_loader: Callable[[], object] | None = None
+    progress: bool = True
+    _frozen: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    # -- frozen copies (φ) -----------------------------------------------------------------
+    def frozen(self, component: str) -> torch.nn.Module:
+        """A frozen copy of `unet` or `text_encoder` as it was when first asked for.
+
+        Methods ask for it in `prepare()`, before any update, so φ is the model before this
+        request.
+        """
+        if component not in self._frozen:
+            module = copy.deepcopy(getattr(self.pipe, component)).eval().requires_grad_(False)
+            self._frozen[component] = module
+        return self._frozen[component]
+
+    # -- text --------------------------------------------------------------------------------
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                   truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def encode(self, prompts: list[str], frozen: bool = False) -> torch.Tensor:
+        """Text-encoder hidden states (the UNet's cross-attention context) for `prompts`.
+
+        With `frozen`, φ's text encoder (no gradient); else θ's, with gradient only if some of
+        its weights are being trained.
+        """
+        ids = self.token_ids(prompts)
+        if frozen:
+            with torch.no_grad():
+                return self.frozen("text_encoder")(ids)[0]
+        encoder = self.pipe.text_encoder
+        trains = any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(trains):
+            return encoder(ids)[0]
+
+    # -- diffusion ---------------------------------------------------------------------------
+    def draw(self, sub: dict, generator: torch.Generator,
+             t_range: tuple[int, int] | None = None) -> dict:
+        """`sub` with its diffusion noise ε and timesteps t drawn (uniform in `t_range`).
+
+        Drawn in `batch()`, for the whole batch, before it is split across processes: so one
+        process or several see exactly the same noise.
+        """
+        lo, hi = t_range or (0, self.noise_scheduler.config.num_train_timesteps)
+        latents = sub["latents"]
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(lo, hi, (len(latents),), generator=generator)
+        return {**sub, "noise": noise, "t": t}
+
+    def noisy(self, sub: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward-diffuse a drawn sub-batch: (x_t, ε, t) on the device."""
+        latents, noise, t = (sub[k].to(self.device) for k in ("latents", "noise", "t"))
+        return self.noise_scheduler.add_noise(latents, noise, t), noise, t
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """UNet noise prediction ε(x_t, c, t) of θ, or of φ with `frozen` (no gradient)."""
+        if frozen:
+            with torch.no_grad():
+                return self.frozen("unet")(x_t, t, context).sample
+        return self.pipe.unet(x_t, t, context).sample
+
+    def diffusion_loss(self, sub: dict) -> torch.Tensor:
+        """The ordinary denoising loss ‖ε − ε_θ(x_t, c, t)‖² on a drawn sub-batch."""
+        x_t, noise, t = self.noisy(sub)
+        return (self.eps(x_t, t, self.encode(sub["prompts"])) - noise).pow(2).mean()
+
+    # -- data --------------------------------------------------------------------------------
+    def model_latents(self, prompts: list[str], seed: int | None = None) -> torch.Tensor:
+        """What the model before this request draws for `prompts` (cached latents)."""
+        return self.cache.get(self.pipe, self.model_sha, prompts, self.seed if seed is None else seed,
+                              progress=self.progress)
+
+    def base_latents(self, prompts: list[str], seed: int | None = None) -> torch.Tensor:
+        """What the lineage's original model draws for `prompts` (its prior; cached).
+
+        Falls back to the current model when the base cannot be loaded (documented in the
+        ledger settings as `prior_source`).
+        """
+        seed = self.seed if seed is None else seed
+        if self.base_sha == self.model_sha or self.base_loader is None:
+            return self.model_latents(prompts, seed)
+        key_pipe = self.pipe
+        try:
+            key_pipe = self._frozen.get("base_pipe") or self.base_loader()
+            self._frozen["base_pipe"] = key_pipe
+        except Exception:  # noqa: BLE001 - the base may be gone; the current model is the prior
+            return self.model_latents(prompts, seed)
+        return self.cache.get(key_pipe, self.base_sha, prompts, seed, progress=self.progress)

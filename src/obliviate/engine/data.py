@@ -1,0 +1,57 @@
+"""Images the frozen model generates for anchors, priors and the memory bank, cached on disk.
+
+Erasure methods train on the model's own generations (what it draws for the anchor, for
+related concepts, for unrelated prompts). Generating them is most of an erasure's cost on a
+CPU, so they are cached as latents, keyed by the generating model's weight hash, the
+prompts, the seed and the sampler settings: the same model asked the same thing is never
+sampled twice, across requests and runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..pipeline import sampler_settings
+
+
+def default_cache_dir() -> Path:
+    """`$OBLIVIATE_CACHE`, else `~/.cache/obliviate`."""
+    return Path(os.environ.get("OBLIVIATE_CACHE", Path.home() / ".cache" / "obliviate"))
+
+
+class LatentCache:
+    """Generated latents on disk: `get(pipe, model_sha, prompts, seed)` samples only once."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+
+    def key(self, model_sha: str, prompts: list[str], seed: int, settings: dict) -> str:
+        blob = json.dumps([model_sha, prompts, seed, settings], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    @torch.no_grad()
+    def get(self, pipe, model_sha: str, prompts: list[str], seed: int,
+            batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """Latents (N, C, h, w), already scaled for the UNet, one per prompt."""
+        settings = sampler_settings(pipe)
+        path = self.root / "latents" / f"{self.key(model_sha, prompts, seed, settings)}.safetensors"
+        if path.exists():
+            return load_file(path)["latents"]
+        chunks = []
+        for i in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress, leave=False):
+            gen = torch.Generator().manual_seed(seed + i)
+            out = pipe(prompts[i : i + batch_size], generator=gen, output_type="latent", **settings)
+            chunks.append(out.images.float().cpu())
+        latents = torch.cat(chunks).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"latents": latents}, tmp)
+        os.replace(tmp, path)
+        return latents

@@ -1,0 +1,96 @@
+"""The one optimisation loop every gradient method runs on.
+
+Per step: the method builds the full batch from a generator every process seeds the same
+way; each process keeps its shard (`batch[rank::world]`), the method returns its named loss
+terms, gradients come from one backward pass (or, for methods with gradient surgery, one
+per term, combined by `method.combine`), are averaged across processes, clipped, and Adam
+steps. A non-finite loss stops the run with a clear error before anything is written.
+Checkpoints (trainable tensors, optimizer, method state) are safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_training_state, save_training_state
+from ..errors import ObliviateError
+from .params import freeze_all_but
+
+
+def shard(batch, rank: int, world: int):
+    """This process's share of a batch: every list/tensor is strided by `world` from `rank`."""
+    if world == 1:
+        return batch
+    if isinstance(batch, dict):
+        return {k: shard(v, rank, world) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple, torch.Tensor)) and len(batch) >= world:
+        return batch[rank::world]
+    return batch
+
+
+def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
+          checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> dict:
+    """Run `method` for `steps` optimiser steps on `ctx.pipe`; returns loss history and timing."""
+    acc = ctx.accelerator
+    params = freeze_all_but(ctx.pipe, method.param_group)
+    names, plist = list(params), list(params.values())
+    optimizer = torch.optim.Adam(plist, lr=lr)
+    start = 0
+    if resume and checkpoint_dir and (Path(checkpoint_dir) / "state.json").exists():
+        info, tensors = load_training_state(Path(checkpoint_dir), {}, optimizer)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+        method.load_state({k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")})
+        start = info["step"]
+
+    history: list[dict[str, float]] = []
+    t0 = time.time()
+    bar = tqdm(total=steps, initial=start, desc=method.name, disable=not (ctx.progress and acc.is_main_process))
+    step = start
+    for step in range(start, steps):
+        generator = torch.Generator().manual_seed(seed * 100_003 + step)
+        batch = shard(method.batch(ctx, batch_size, generator), acc.process_index, acc.num_processes)
+        with acc.autocast():
+            terms = method.loss(ctx, batch)
+        total = sum(terms.values())
+        if not torch.isfinite(total):
+            raise ObliviateError(
+                f"{method.name}: loss became {total.item()} at step {step}; nothing was written "
+                "(lower --lr or check the model)")
+        if method.combine is not None:
+            per_term = {k: torch.autograd.grad(v, plist, retain_graph=True, allow_unused=True)
+                        for k, v in terms.items() if v.requires_grad}
+            grads = method.combine(ctx, {k: [g if g is not None else torch.zeros_like(p)
+                                             for g, p in zip(gs, plist)] for k, gs in per_term.items()})
+            for p, g in zip(plist, grads):
+                p.grad = g
+        else:
+            total.backward()
+        if acc.num_processes > 1:
+            for p in plist:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = acc.reduce(p.grad, reduction="mean")
+        if method.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(plist, method.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(ctx, step, terms)
+        history.append({k: float(v.detach()) for k, v in terms.items()})
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
+        done = method.should_stop(ctx, step, terms)
+        if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and acc.is_main_process:
+            tensors = {n: p.detach() for n, p in zip(names, plist)}
+            tensors.update({f"method.{k}": v for k, v in method.state().items()})
+            save_training_state(Path(checkpoint_dir), {}, optimizer, tensors, {"step": step + 1})
+        if done:
+            break
+    bar.close()
+    return {"steps_run": step + 1 - start, "seconds_training": round(time.time() - t0, 2),
+            "loss_first": history[0] if history else {}, "loss_last": history[-1] if history else {}}

@@ -1,0 +1,67 @@
+"""Named parameter groups of a Stable Diffusion pipeline, and freezing everything else.
+
+Groups (the vocabulary of the erasure literature):
+- `attn2-kv`: key and value projections of every UNet cross-attention layer (UCE, DoCo,
+  DUGE's default) — the only weights that read the text;
+- `attn2`: all of cross-attention (ESD-x);
+- `non-attn2`: the UNet without cross-attention (ESD-u);
+- `unet`: the whole UNet (RGD);
+- `text-mlp`: the MLPs (fc1, fc2) of every text-encoder layer (few-shot text-encoder
+  unlearning); `text`: the whole text encoder;
+- `lora`: LoRA adapters added with peft (only the adapters train).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ObliviateError
+
+_UNET_RULES: dict[str, Callable[[str], bool]] = {
+    "attn2-kv": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,
+    "attn2": lambda n: ".attn2." in n,
+    "non-attn2": lambda n: ".attn2." not in n,
+    "unet": lambda n: True,
+}
+_TEXT_RULES: dict[str, Callable[[str], bool]] = {
+    "text-mlp": lambda n: ".mlp.fc1." in n or ".mlp.fc2." in n,
+    "text": lambda n: True,
+}
+GROUPS = (*_UNET_RULES, *_TEXT_RULES, "lora")
+
+
+def named_group(pipe, group: str) -> dict[str, nn.Parameter]:
+    """Parameters of `group`, keyed `unet.<name>` or `text_encoder.<name>`."""
+    if group in _UNET_RULES:
+        module, prefix, rule = pipe.unet, "unet", _UNET_RULES[group]
+    elif group in _TEXT_RULES:
+        module, prefix, rule = pipe.text_encoder, "text_encoder", _TEXT_RULES[group]
+    elif group == "lora":
+        found = {f"unet.{n}": p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+        if not found:
+            raise ObliviateError("no LoRA adapters on this UNet; add them with peft first")
+        return found
+    else:
+        raise ObliviateError(f"unknown parameter group {group!r}; choose from {', '.join(GROUPS)}")
+    found = {f"{prefix}.{n}": p for n, p in module.named_parameters() if rule(n)}
+    if not found:
+        raise ObliviateError(f"parameter group {group!r} is empty for this model")
+    return found
+
+
+def freeze_all_but(pipe, group: str) -> dict[str, nn.Parameter]:
+    """Make only `group` trainable (requires_grad) in the UNet and text encoder; return it."""
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
+    params = named_group(pipe, group)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Detached copies of parameters (for pulls toward previous weights, deltas, rollback)."""
+    return {n: p.detach().clone() for n, p in params.items()}

@@ -1,0 +1,199 @@
+"""`erase()`: one request against one model, continuing its lineage, written atomically.
+
+    pipe = load_pipeline("shapes")
+    result = erase(pipe, Request(("star",)), method="duge", out="runs/1")
+
+Flow: read the lineage's ledger (or start one), check the weights match it, resolve the
+request against the model's concept world, let the method edit the weights (closed form, or
+the shared loop), hash the result, append a ledger entry, and write the model (full, or only
+the tensors that differ from the lineage's base) with its ledger to a temp folder that is
+renamed into place at the end. Any error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_folder
+from .concepts import world_for
+from .engine.context import EraseContext
+from .engine.data import LatentCache
+from .engine.loop import train
+from .errors import ObliviateError
+from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
+from .methods.base import get_method
+from .pipeline import DELTA_FILE, load_pipeline
+from .request import Request
+
+
+@dataclass(frozen=True)
+class EraseResult:
+    """What one request did: the new ledger entry and the lineage's ledger after it."""
+
+    entry: LedgerEntry
+    ledger: Ledger
+    stats: dict
+
+
+def lineage_of(pipe, new_lineage: bool = False) -> Ledger:
+    """The ledger of the model `pipe` was loaded from, verified, or a new one rooted at it."""
+    source = getattr(pipe, "obliviate_source", None)
+    info = getattr(pipe, "obliviate_info", {})
+    folder = Path(source) if source and Path(source).is_dir() else None
+    ledger = Ledger.load(folder) if folder and not new_lineage else None
+    if ledger is not None:
+        ledger.verify(pipe, folder)
+        return ledger
+    if info.get("lineage") and not new_lineage:
+        raise ObliviateError(
+            f"{source} was written by obliviate but has no ledger.json; pass --new-lineage to "
+            "start a new lineage from it")
+    return Ledger(base=getattr(pipe, "obliviate_model", str(source)),
+                  base_sha256=weights_sha256(pipe), world=world_for(pipe).name)
+
+
+def erase(
+    pipe,
+    request: Request,
+    method: str = "duge",
+    out: str | Path | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    options: dict | None = None,
+    save: str = "full",
+    overwrite: bool = False,
+    new_lineage: bool = False,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+    accelerator: Accelerator | None = None,
+) -> EraseResult:
+    """Remove `request`'s concepts from `pipe` (edited in place) with `method`.
+
+    With `out`, the edited model and its ledger are written there (a full diffusers folder,
+    or with `save="delta"` only the changed tensors plus the base's path and hash).
+    """
+    if save not in ("full", "delta"):
+        raise ObliviateError(f"--save must be 'full' or 'delta', not {save!r}")
+    out = Path(out) if out else None
+    if out and out.exists() and not overwrite:
+        raise ObliviateError(f"{out} exists; choose another --out or pass --overwrite")
+    ledger = lineage_of(pipe, new_lineage)
+    world = world_for(pipe)
+    resolved = request.resolve(world, ledger.removed())
+    m = get_method(method, **(options or {}))
+    for key, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size)):
+        if value is not None:
+            setattr(m, key, value)
+    accelerator = accelerator or Accelerator(cpu=str(pipe.device) == "cpu")
+    parent_sha = ledger.head_sha256
+    start = time.time()
+    ctx = EraseContext(
+        pipe=pipe, world=world, request=resolved, history=ledger.history(), accelerator=accelerator,
+        model_sha=parent_sha, base_sha=ledger.base_sha256, cache=LatentCache(cache_dir), seed=seed,
+        base_loader=lambda: load_pipeline(ledger.base, device=pipe.device), progress=progress,
+    )
+    checkpoint_dir = out.with_name(f".{out.name}.ckpt") if out and checkpoint_every else None
+    if m.closed_form:
+        stats = m.apply(ctx)
+    else:
+        m.prepare(ctx)
+        stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False).eval()
+    seconds = round(time.time() - start, 2)
+    entry = LedgerEntry(
+        step=len(ledger.entries) + 1, method=method, request=resolved.to_json(),
+        settings={**m.settings(), "seed": seed, "processes": accelerator.num_processes},
+        seconds=seconds, peak_memory_mb=round(peak_memory_mb(pipe.device), 1),
+        parent_sha256=parent_sha, weights_sha256=weights_sha256(pipe), storage=save,
+        bytes_stored=0, out=str(out.resolve()) if out else "",
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    if out and accelerator.is_main_process:
+        entry = save_model(pipe, out, ledger, entry, overwrite=overwrite)
+    if checkpoint_dir and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return EraseResult(entry, ledger.append(entry), stats)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this run: CUDA's allocator peak on a GPU, the process's peak RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None,
+               storage: str = "full", overwrite: bool = False) -> LedgerEntry | None:
+    """Write `pipe` with its ledger (plus `entry`, if given) to `out` atomically.
+
+    `storage="delta"` writes only the tensors that differ from the lineage's base, with the
+    base's name and sha256. Returns `entry` with the bytes it took on disk filled in.
+    """
+    storage = entry.storage if entry else storage
+    info = {**getattr(pipe, "obliviate_info", {}), "lineage": True}
+    info.pop("delta_of", None)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        if storage == "full":
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        else:
+            base_state = pipeline_state(load_pipeline(ledger.base, device="cpu"))
+            changed = {k: v.detach().cpu().contiguous() for k, v in pipeline_state(pipe).items()
+                       if not torch.equal(v.detach().cpu(), base_state[k])}
+            save_file(changed, tmp / DELTA_FILE)
+            info.update({"delta_of": ledger.base, "base_sha256": ledger.base_sha256})
+        (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
+        if entry is not None:
+            entry = LedgerEntry(**{**entry.__dict__, "bytes_stored": _folder_bytes(tmp)})
+            ledger = ledger.append(entry)
+        ledger.save(tmp)
+    return entry
+
+
+def rollback(folder: str | Path, to: int, out: str | Path, overwrite: bool = False) -> Ledger:
+    """Restore the model of lineage step `to` (0 = the base) from `folder`'s ledger to `out`.
+
+    The weights come from the folder that step wrote (or the base) and must hash exactly to
+    what the ledger recorded; the written ledger ends at step `to`.
+    """
+    folder, out = Path(folder), Path(out)
+    ledger = Ledger.load(folder)
+    if ledger is None:
+        raise ObliviateError(f"{folder} has no ledger.json; nothing to roll back")
+    if not 0 <= to <= len(ledger.entries):
+        raise ObliviateError(f"--to must be between 0 and {len(ledger.entries)} for {folder}")
+    if out.exists() and not overwrite:
+        raise ObliviateError(f"{out} exists; choose another --out or pass --overwrite")
+    if to == len(ledger.entries):
+        source, want = str(folder), ledger.head_sha256
+    elif to == 0:
+        source, want = ledger.base, ledger.base_sha256
+    else:
+        source, want = ledger.entries[to - 1].out, ledger.entries[to - 1].weights_sha256
+        if not Path(source).exists():
+            raise ObliviateError(f"step {to} was written to {source}, which no longer exists")
+    pipe = load_pipeline(source)
+    if weights_sha256(pipe) != want:
+        raise ObliviateError(f"the weights in {source} no longer match step {to} of the ledger")
+    truncated = ledger.truncated(to)
+    save_model(pipe, out, truncated, overwrite=overwrite)
+    return truncated

@@ -1,0 +1,65 @@
+"""ESD — Erased Stable Diffusion (Gandikota et al. 2023), the gradient baseline.
+
+Distil negative guidance into θ: on x_t,
+    target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t)),
+    L = ‖ε_θ(x_t, c_tgt, t) − target‖².
+ESD-x (`variant="x"`) trains cross-attention (styles), ESD-u (`"u"`) everything but
+cross-attention (objects).
+Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
+rather than from partially sampling φ at every step: both draw x_t from φ's distribution,
+and the cached form costs no sampling inside the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from .base import Method, register
+
+
+@register
+@dataclass
+class ESD(Method):
+    name: ClassVar[str] = "esd"
+    variant: str = "x"
+    eta: float = 1.0
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 8
+    prompts_per_target: int = 24
+    _data: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.variant not in ("x", "u"):
+            from ..errors import ObliviateError
+
+            raise ObliviateError(f"ESD variant must be 'x' or 'u', not {self.variant!r}")
+        self.param_group = "attn2" if self.variant == "x" else "non-attn2"
+
+    def prepare(self, ctx) -> None:
+        rng = np.random.default_rng(ctx.seed)
+        prompts = [p for t in ctx.request.targets
+                   for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
+        self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
+        self._null = ctx.encode([""], frozen=True)
+        ctx.frozen("unet")
+
+    def batch(self, ctx, batch_size, generator):
+        idx = torch.randint(0, len(self._data["prompts"]), (batch_size,), generator=generator).tolist()
+        sub = {"prompts": [self._data["prompts"][i] for i in idx], "latents": self._data["latents"][idx]}
+        return ctx.draw(sub, generator)
+
+    def loss(self, ctx, batch):
+        x_t, _, t = ctx.noisy(batch)
+        cond_frozen = ctx.encode(batch["prompts"], frozen=True)
+        e_c = ctx.eps(x_t, t, cond_frozen, frozen=True)
+        e_0 = ctx.eps(x_t, t, self._null.expand(len(x_t), -1, -1), frozen=True)
+        target = e_0 - self.eta * (e_c - e_0)
+        return {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}
+
+    def settings(self) -> dict:
+        return {k: v for k, v in super().settings().items() if not k.startswith("_")}

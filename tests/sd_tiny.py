@@ -1,0 +1,53 @@
+"""A tiny random pipeline shaped like Stable Diffusion 1.x, for engine tests.
+
+77-token CLIP tokenizer, cross-attention at two resolutions, widths unlike the shipped
+model; no world: concepts are free text, as for a real model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from obliviate.shapes.tokenizer import build_tokenizer
+
+FAST_SAMPLER = {"num_inference_steps": 2, "guidance_scale": 3.0}
+
+
+def tiny_sd(world: str | None = None) -> StableDiffusionPipeline:
+    """A random SD-1.x-shaped pipeline (seeded); `world="shapes"` tags it with that vocabulary."""
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    tok.model_max_length = 77
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                            beta_end=0.012)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sd(folder: Path, world: str | None = None) -> Path:
+    """Write `tiny_sd()` as a diffusers folder with fast sampler defaults."""
+    tiny_sd().save_pretrained(folder, safe_serialization=True)
+    info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
+    (folder / "obliviate.json").write_text(json.dumps(info))
+    return folder

@@ -1,0 +1,197 @@
+"""The engine and the methods on a tiny SD-1.x-shaped pipeline: nothing shapes-specific."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from obliviate import ObliviateError, load_pipeline
+from obliviate.engine.attention import capture_cross_attention, cross_attention_names
+from obliviate.erase import erase, rollback
+from obliviate.ledger import Ledger, pipeline_state, weights_sha256
+from obliviate.request import Request
+from sd_tiny import save_tiny_sd
+
+FAST = dict(steps=3, batch_size=2, progress=False)
+
+
+@pytest.fixture()
+def base(tmp_path, monkeypatch):
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    return save_tiny_sd(tmp_path / "base")
+
+
+@pytest.fixture()
+def shapes_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    return save_tiny_sd(tmp_path / "shapes-base", world="shapes")
+
+
+def changed_tensors(before: dict, pipe) -> set[str]:
+    after = pipeline_state(pipe)
+    return {k for k, v in after.items() if not torch.equal(v, before[k])}
+
+
+@pytest.mark.parametrize(
+    "method, options, allowed",
+    [
+        ("duge", {}, lambda k: ".attn2.to_k." in k or ".attn2.to_v." in k),
+        ("esd", {"variant": "x"}, lambda k: ".attn2." in k),
+        ("esd", {"variant": "u"}, lambda k: k.startswith("unet.") and ".attn2." not in k),
+        ("uce", {}, lambda k: ".attn2.to_k." in k or ".attn2.to_v." in k),
+    ],
+)
+def test_each_method_edits_only_its_parameters_and_round_trips(base, tmp_path, method, options, allowed):
+    pipe = load_pipeline(base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request(("van gogh",)), method=method, options=options,
+                   out=tmp_path / "out", **FAST)
+    changed = changed_tensors(before, pipe)
+    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
+    again = load_pipeline(tmp_path / "out")
+    assert weights_sha256(again) == result.entry.weights_sha256
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+
+
+def test_lineage_ledger_delta_export_and_rollback(shapes_base, tmp_path):
+    from obliviate.cli import main
+
+    run = lambda *a: main(list(map(str, a)))  # noqa: E731
+    common = ["--steps", 2, "--batch-size", 2]
+    assert run("erase", "--model", shapes_base, "--method", "duge", "--concept", "star",
+               "--out", tmp_path / "1", *common) == 0
+    assert run("erase", "--model", tmp_path / "1", "--method", "uce", "--concept", "striped",
+               "--out", tmp_path / "2", "--save", "delta") == 0
+    ledger = Ledger.load(tmp_path / "2")
+    assert [e.resolved.names for e in ledger.entries] == [["star"], ["striped"]]
+    assert ledger.entries[1].parent_sha256 == ledger.entries[0].weights_sha256
+    assert ledger.entries[0].resolved.anchors[0] not in ("star", "cross")  # same kind, unrelated
+    assert ledger.entries[1].bytes_stored < ledger.entries[0].bytes_stored / 2
+    delta = load_pipeline(tmp_path / "2")
+    assert weights_sha256(delta) == ledger.head_sha256
+    assert run("export", tmp_path / "2", "--out", tmp_path / "2full") == 0
+    assert weights_sha256(load_pipeline(tmp_path / "2full")) == ledger.head_sha256
+    assert run("rollback", tmp_path / "2", "--to", 1, "--out", tmp_path / "1b") == 0
+    assert weights_sha256(load_pipeline(tmp_path / "1b")) == ledger.entries[0].weights_sha256
+    assert len(Ledger.load(tmp_path / "1b").entries) == 1
+    assert run("ledger", tmp_path / "2") == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--concept", "zebra"], "knows: .*circle"),
+        (["--concept", "star", "--anchor", "star"], "equals a target"),
+        (["--concept", "star", "--anchor", "red"], "same kind"),
+        ([], "empty request"),
+        (["--concept", "star", "--method", "nope"], "unknown method"),
+        (["--concept", "star", "--set", "lambda_zzz=1"], "no option"),
+    ],
+)
+def test_bad_requests_fail_in_one_line_and_write_nothing(shapes_base, tmp_path, capsys, args, message):
+    from obliviate.cli import main
+
+    code = main(["erase", "--model", str(shapes_base), "--out", str(tmp_path / "o"), "--steps", "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_lineage_errors(shapes_base, tmp_path, capsys):
+    from obliviate.cli import main
+
+    out1 = tmp_path / "1"
+    assert main(["erase", "--model", str(shapes_base), "--method", "uce", "--concept", "star", "--out", str(out1)]) == 0
+    # --out that exists
+    assert main(["erase", "--model", str(shapes_base), "--method", "uce", "--concept", "star", "--out", str(out1)]) == 2
+    assert "exists" in capsys.readouterr().err
+    # a lineage folder whose ledger is gone
+    no_ledger = tmp_path / "noledger"
+    __import__("shutil").copytree(out1, no_ledger)
+    (no_ledger / "ledger.json").unlink()
+    assert main(["erase", "--model", str(no_ledger), "--method", "uce", "--concept", "circle", "--out", str(tmp_path / "x")]) == 2
+    assert "--new-lineage" in capsys.readouterr().err
+    # weights changed behind the ledger's back
+    tampered = tmp_path / "tampered"
+    __import__("shutil").copytree(out1, tampered)
+    pipe = load_pipeline(tampered)
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(1.0)
+    pipe.unet.save_pretrained(tampered / "unet")
+    assert main(["erase", "--model", str(tampered), "--method", "uce", "--concept", "circle", "--out", str(tmp_path / "y")]) == 2
+    assert "do not match its ledger" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_non_finite_loss_stops_and_writes_nothing(base, tmp_path, monkeypatch):
+    from obliviate.methods.duge import DUGE
+
+    original = DUGE.loss
+    monkeypatch.setattr(DUGE, "loss", lambda self, *a: {k: v * float("nan") for k, v in original(self, *a).items()})
+    with pytest.raises(ObliviateError, match="loss became nan"):
+        erase(load_pipeline(base), Request(("van gogh",)), out=tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch):
+    from obliviate.methods.duge import DUGE
+
+    straight = load_pipeline(base)
+    erase(straight, Request(("van gogh",)), steps=4, batch_size=2, progress=False)
+
+    def interrupt(self, ctx, step, terms):
+        if step == 2:
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(DUGE, "should_stop", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        erase(load_pipeline(base), Request(("van gogh",)), out=tmp_path / "o", steps=4, batch_size=2,
+              checkpoint_every=2, progress=False)
+    assert not (tmp_path / "o").exists() and (tmp_path / ".o.ckpt" / "state.json").exists()
+    monkeypatch.undo()
+    resumed = load_pipeline(base)
+    erase(resumed, Request(("van gogh",)), out=tmp_path / "o", steps=4, batch_size=2,
+          checkpoint_every=2, resume=True, progress=False)
+    for (k, a), b in zip(pipeline_state(straight).items(), pipeline_state(resumed).values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_attention_capture_does_not_change_the_unet(base):
+    pipe = load_pipeline(base)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    ctx = torch.randn(2, 77, 32)
+    plain = pipe.unet(x, t, ctx).sample
+    with capture_cross_attention(pipe.unet) as store:
+        captured = pipe.unet(x, t, ctx).sample
+    assert torch.allclose(plain, captured, atol=1e-5)
+    assert set(store) == set(cross_attention_names(pipe.unet)) and len(store) >= 3
+    probs = next(iter(store.values()))["probs"]
+    assert probs.shape[-1] == 77 and torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_two_processes_match_one(base, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    common = ["erase", "--model", str(base), "--concept", "van gogh", "--steps", "3", "--batch-size", "4"]
+    one = subprocess.run([sys.executable, "-m", "obliviate.cli", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    # accelerate's multi-CPU mode; `accelerate launch --cpu` needs an MPI hostfile for it,
+    # torchrun starts the same two gloo processes without one.
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "obliviate.cli", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_pipeline(tmp_path / "one"), load_pipeline(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "ledger.json").read_text())["entries"][0]["settings"]["processes"] == 2
+    for (k, x), y in zip(pipeline_state(a).items(), pipeline_state(b).values()):
+        assert torch.allclose(x, y, atol=1e-5), k
