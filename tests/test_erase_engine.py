@@ -195,3 +195,27 @@ def test_two_processes_match_one(base, tmp_path):
     assert json.loads((tmp_path / "two" / "ledger.json").read_text())["entries"][0]["settings"]["processes"] == 2
     for (k, x), y in zip(pipeline_state(a).items(), pipeline_state(b).values()):
         assert torch.allclose(x, y, atol=1e-5), k
+
+
+@pytest.mark.parametrize("method, options", [("rgd", {}), ("doco", {"disc_warmup": 2}),
+                                             ("fewshot-te", {})])
+def test_other_methods_run_on_the_engine(shapes_base, tmp_path, method, options):
+    pipe = load_pipeline(shapes_base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request(("star",)), method=method, options=options, out=tmp_path / "o", **FAST)
+    changed = changed_tensors(before, pipe)
+    group = {"rgd": "unet.", "doco": "attn2.to_", "fewshot-te": "mlp.fc"}[method]
+    assert changed and all(group in k for k in changed), sorted(changed)[:3]
+    assert result.entry.method == method and (tmp_path / "o" / "ledger.json").exists()
+
+
+def test_refresh_wraps_a_method_and_carries_its_fisher(shapes_base, tmp_path):
+    from obliviate.engine.refresh import FISHER_FILE
+
+    pipe = load_pipeline(shapes_base)
+    erase(pipe, Request(("star",)), out=tmp_path / "1", refresh=True, **FAST)
+    assert (tmp_path / "1" / FISHER_FILE).exists()
+    entry = Ledger.load(tmp_path / "1").entries[0]
+    assert entry.settings["refresh"]["delta"] > 0
+    with pytest.raises(ObliviateError, match="closed-form"):
+        erase(load_pipeline(tmp_path / "1"), Request(("circle",)), method="uce", refresh=True, progress=False)

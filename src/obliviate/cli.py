@@ -107,7 +107,7 @@ def _cmd_erase(args: argparse.Namespace) -> None:
     result = erase(pipe, request, method=args.method, out=args.out, steps=args.steps, lr=args.lr,
                    batch_size=args.batch_size, seed=args.seed, options=_parse_options(args.set),
                    save=args.save, overwrite=args.overwrite, new_lineage=args.new_lineage,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, refresh=args.refresh)
     e = result.entry
     pairs = ", ".join(f"{t['name']} -> {a or '(empty)'}" for t, a in zip(e.request["targets"], e.request["anchors"]))
     print(f"step {e.step}: {args.method} removed {pairs} in {e.seconds:.1f} s; "
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--new-lineage", action="store_true", help="ignore/skip the model's ledger")
     r.add_argument("--checkpoint-every", type=int, default=0)
     r.add_argument("--resume", action="store_true")
+    r.add_argument("--refresh", action="store_true", help="wrap the method in refresh learning")
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=_cmd_erase)
 

@@ -53,6 +53,10 @@ class ConceptWorld:
     def memory_prompts(self, avoid: set[str], n: int, rng: np.random.Generator) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
+    def real_images(self, concept: str, n: int, seed: int) -> np.ndarray:  # pragma: no cover
+        """`n` real images (uint8, N x H x W x 3) showing `concept`, for few-shot methods."""
+        raise NotImplementedError
+
 
 _FIELD = {"object": "o", "colour": "c", "style": "s", "background": "b"}
 # Templates erasure trains on; paraphrase probes use the others and the synonyms.
@@ -128,6 +132,20 @@ class ShapesWorld(ConceptWorld):
                 for _ in range(n)]
 
 
+    def real_images(self, concept, n, seed):
+        """Rendered pictures of `concept` with the other attributes random."""
+        from .shapes import world as shapes_world
+
+        c = vocab.concept(concept)
+        rng = np.random.default_rng(seed)
+        images = []
+        for _ in range(n):
+            scene = shapes_world.random_scene(rng)
+            scene = shapes_world.Scene(**{**scene.__dict__, c.kind: c.name})
+            images.append(shapes_world.render(scene, int(rng.integers(2**31 - 1))))
+        return np.stack(images)
+
+
 _FREE_TEMPLATES = ("{x}", "a photo of {x}", "a painting of {x}", "an image of {x}",
                    "a picture of {x}, high quality", "{x}, detailed")
 _FREE_MEMORY = ("a photo of a dog", "a mountain lake at dawn", "a bowl of fruit on a table",
@@ -165,6 +183,10 @@ class FreeTextWorld(ConceptWorld):
     def memory_prompts(self, avoid, n, rng):
         pool = [p for p in _FREE_MEMORY if not any(a.lower() in p for a in avoid)]
         return [pool[rng.integers(len(pool))] for _ in range(n)]
+
+    def real_images(self, concept, n, seed):
+        raise ObliviateError(
+            f"real images of {concept!r} are needed; pass a folder of them with --set images=DIR")
 
 
 def world_for(pipe) -> ConceptWorld:

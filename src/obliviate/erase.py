@@ -29,6 +29,7 @@ from .concepts import world_for
 from .engine.context import EraseContext
 from .engine.data import LatentCache
 from .engine.loop import train
+from .engine.refresh import Refresh
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method
@@ -80,11 +81,14 @@ def erase(
     progress: bool = True,
     cache_dir: Path | None = None,
     accelerator: Accelerator | None = None,
+    refresh: bool | dict = False,
 ) -> EraseResult:
     """Remove `request`'s concepts from `pipe` (edited in place) with `method`.
 
     With `out`, the edited model and its ledger are written there (a full diffusers folder,
     or with `save="delta"` only the changed tensors plus the base's path and hash).
+    `refresh` (True, or a dict of `Refresh` settings) wraps a gradient method in refresh
+    learning; its Fisher estimate is carried from the parent folder to `out`.
     """
     if save not in ("full", "delta"):
         raise ObliviateError(f"--save must be 'full' or 'delta', not {save!r}")
@@ -107,25 +111,34 @@ def erase(
         base_loader=lambda: load_pipeline(ledger.base, device=pipe.device), progress=progress,
     )
     checkpoint_dir = out.with_name(f".{out.name}.ckpt") if out and checkpoint_every else None
+    plugin = None
+    if refresh:
+        if m.closed_form:
+            raise ObliviateError(f"--refresh wraps gradient methods; {method!r} is closed-form")
+        source = getattr(pipe, "obliviate_source", None)
+        plugin = Refresh.from_folder(Path(source) if source and Path(source).is_dir() else None,
+                                     **(refresh if isinstance(refresh, dict) else {}))
     if m.closed_form:
         stats = m.apply(ctx)
     else:
         m.prepare(ctx)
         stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                      refresh=plugin)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False).eval()
     seconds = round(time.time() - start, 2)
     entry = LedgerEntry(
         step=len(ledger.entries) + 1, method=method, request=resolved.to_json(),
-        settings={**m.settings(), "seed": seed, "processes": accelerator.num_processes},
+        settings={**m.settings(), "seed": seed, "processes": accelerator.num_processes,
+                  **({"refresh": plugin.settings()} if plugin else {})},
         seconds=seconds, peak_memory_mb=round(peak_memory_mb(pipe.device), 1),
         parent_sha256=parent_sha, weights_sha256=weights_sha256(pipe), storage=save,
         bytes_stored=0, out=str(out.resolve()) if out else "",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
     if out and accelerator.is_main_process:
-        entry = save_model(pipe, out, ledger, entry, overwrite=overwrite)
+        entry = save_model(pipe, out, ledger, entry, overwrite=overwrite, refresh=plugin)
     if checkpoint_dir and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return EraseResult(entry, ledger.append(entry), stats)
@@ -143,7 +156,8 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None,
-               storage: str = "full", overwrite: bool = False) -> LedgerEntry | None:
+               storage: str = "full", overwrite: bool = False, refresh: Refresh | None = None
+               ) -> LedgerEntry | None:
     """Write `pipe` with its ledger (plus `entry`, if given) to `out` atomically.
 
     `storage="delta"` writes only the tensors that differ from the lineage's base, with the
@@ -162,6 +176,8 @@ def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None
             save_file(changed, tmp / DELTA_FILE)
             info.update({"delta_of": ledger.base, "base_sha256": ledger.base_sha256})
         (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
+        if refresh is not None:
+            refresh.save(tmp)
         if entry is not None:
             entry = LedgerEntry(**{**entry.__dict__, "bytes_stored": _folder_bytes(tmp)})
             ledger = ledger.append(entry)

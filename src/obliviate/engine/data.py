@@ -55,3 +55,32 @@ class LatentCache:
         save_file({"latents": latents}, tmp)
         os.replace(tmp, path)
         return latents
+
+
+def read_image_folder(folder: str | Path, size: int, limit: int | None = None) -> "np.ndarray":
+    """uint8 (N, size, size, 3) images from a folder (png/jpg/webp), centre-cropped, resized."""
+    import numpy as np
+    from PIL import Image
+
+    from ..errors import ObliviateError
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ObliviateError(f"no images (.png, .jpg, .webp) in {folder}")
+    images = []
+    for path in files[:limit]:
+        im = Image.open(path).convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        images.append(np.asarray(im))
+    return np.stack(images)
+
+
+@torch.no_grad()
+def encode_images(pipe, images) -> torch.Tensor:
+    """VAE latents (scaled for the UNet) of uint8 images, posterior mean."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    x = x.to(pipe.device, pipe.vae.dtype)
+    return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float().cpu()

@@ -33,8 +33,13 @@ def shard(batch, rank: int, world: int):
 
 
 def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
-          checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> dict:
-    """Run `method` for `steps` optimiser steps on `ctx.pipe`; returns loss history and timing."""
+          checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume: bool = False,
+          refresh=None) -> dict:
+    """Run `method` for `steps` optimiser steps on `ctx.pipe`; returns loss history and timing.
+
+    With `refresh` (an `engine.refresh.Refresh`), every step is preceded by its unlearn
+    perturbation computed on the same batch.
+    """
     acc = ctx.accelerator
     params = freeze_all_but(ctx.pipe, method.param_group)
     names, plist = list(params), list(params.values())
@@ -55,6 +60,12 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
     for step in range(start, steps):
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
         batch = shard(method.batch(ctx, batch_size, generator), acc.process_index, acc.num_processes)
+        if refresh is not None:
+            with acc.autocast():
+                grads = torch.autograd.grad(sum(method.loss(ctx, batch).values()), plist, allow_unused=True)
+            grads = [acc.reduce(g, reduction="mean") if g is not None and acc.num_processes > 1 else g
+                     for g in grads]
+            refresh.unlearn(names, plist, grads, generator)
         with acc.autocast():
             terms = method.loss(ctx, batch)
         total = sum(terms.values())

@@ -73,7 +73,7 @@ class Method:
 
 def method_names() -> list[str]:
     """Names of every registered method."""
-    from . import duge, esd, uce  # noqa: F401  (registration side effects)
+    from . import doco, duge, esd, fewshot_te, rgd, uce  # noqa: F401  (registration side effects)
 
     return sorted(REGISTRY)
 

@@ -1,0 +1,65 @@
+"""Few-shot text-encoder unlearning (seed 003): forget a concept by editing the text encoder.
+
+Gradient ascent on the textual-inversion (denoising) loss over text-encoder parameters only:
+    L = −‖ε − ε_θ(x_t, τ_θ(p), t)‖²,
+with a handful (default 4) of real images of the concept and prompt templates naming it.
+The UNet and VAE are frozen. No anchor: the concept's embedding drifts until the prompt no
+longer evokes it, landing near some concept the model already knows.
+Trains the MLPs (fc1, fc2) of every text-encoder layer. For the shapes world the "real"
+images are rendered; for a real model, `images=DIR` names a folder of them.
+Choice: timesteps are drawn from the middle of the schedule (t in [200, 800)), where the
+prompt decides the most about the image; near t=0 the loss says nothing about the concept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..engine.data import encode_images, read_image_folder
+from .base import Method, register
+
+
+@register
+@dataclass
+class FewShotTextEncoder(Method):
+    name: ClassVar[str] = "fewshot-te"
+    param_group: str = "text-mlp"
+    steps: int = 10
+    lr: float = 1e-3
+    batch_size: int = 4
+    shots: int = 4
+    images: str | None = None
+    prompts_per_target: int = 16
+    t_low: int = 200
+    t_high: int = 800
+    max_grad_norm: float | None = 1.0
+    _data: dict = field(default_factory=dict, repr=False)
+
+    def prepare(self, ctx) -> None:
+        rng = np.random.default_rng(ctx.seed)
+        size = ctx.pipe.unet.config.sample_size * (2 ** (len(ctx.pipe.vae.config.block_out_channels) - 1))
+        latents, prompts = [], []
+        for target in ctx.request.targets:
+            pictures = (read_image_folder(self.images, size, self.shots) if self.images
+                        else ctx.world.real_images(target.name, self.shots, ctx.seed))
+            latents.append(encode_images(ctx.pipe, pictures))
+            prompts.append(ctx.world.prompts_naming(target.name, self.prompts_per_target, rng))
+        self._data = {"latents": latents, "prompts": prompts}
+
+    def batch(self, ctx, batch_size, generator):
+        k = int(torch.randint(0, len(self._data["latents"]), (1,), generator=generator))
+        lat, prompts = self._data["latents"][k], self._data["prompts"][k]
+        i = torch.randint(0, len(lat), (batch_size,), generator=generator)
+        j = torch.randint(0, len(prompts), (batch_size,), generator=generator).tolist()
+        sub = {"latents": lat[i], "prompts": [prompts[x] for x in j]}
+        return ctx.draw(sub, generator, t_range=(self.t_low, self.t_high))
+
+    def loss(self, ctx, batch):
+        return {"ascent": -ctx.diffusion_loss(batch)}
+
+    def settings(self) -> dict:
+        return {k: v for k, v in super().settings().items() if not k.startswith("_")}
