@@ -219,3 +219,18 @@ def test_refresh_wraps_a_method_and_carries_its_fisher(shapes_base, tmp_path):
     assert entry.settings["refresh"]["delta"] > 0
     with pytest.raises(ObliviateError, match="closed-form"):
         erase(load_pipeline(tmp_path / "1"), Request(("circle",)), method="uce", refresh=True, progress=False)
+
+
+def test_guard_mask_is_learned_and_honoured_by_finetune(shapes_base, tmp_path):
+    from obliviate.cli import main
+    from obliviate.methods.freeze_guard import GuardMask
+
+    assert main(["guard", "--model", str(shapes_base), "--concept", "star", "--legal", "circle",
+                 "--rho", "0.5", "--rounds", "1", "--images", "8", "--out", str(tmp_path / "g")]) == 0
+    mask = GuardMask.load(tmp_path / "g")
+    assert mask.frozen and 0.5 <= mask.frozen_fraction < 0.9
+    assert main(["finetune", "--model", str(tmp_path / "g"), "--concepts", "star", "--images", "8",
+                 "--steps", "2", "--out", str(tmp_path / "f")]) == 0
+    before, after = load_pipeline(tmp_path / "g").unet.state_dict(), load_pipeline(tmp_path / "f").unet.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in mask.frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in before if n not in mask.frozen)

@@ -144,6 +144,67 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (full diffusers folder)")
 
 
+def _training_data(pipe, folder: str | None, concepts: list[str] | None, n: int, seed: int):
+    """Captioned data from a folder, or rendered for shapes-world concepts."""
+    from .finetune import read_captioned_folder, shapes_data
+    from .pipeline import model_world
+
+    if folder:
+        size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        return read_captioned_folder(folder, size)
+    if concepts and model_world(pipe) == "shapes":
+        return shapes_data(concepts, n, seed)
+    raise ObliviateError("give training data with --data DIR (or --concepts NAME for the shapes world)")
+
+
+def _cmd_guard(args: argparse.Namespace) -> None:
+    from .checkpoint import atomic_folder
+    from .ledger import Ledger
+    from .methods.freeze_guard import FreezeAsGuard
+    from .pipeline import load_pipeline
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    pipe = load_pipeline(args.model)
+    illegal = _training_data(pipe, args.illegal_data, args.concept, args.images, args.seed)
+    legal = _training_data(pipe, args.legal_data, args.legal, args.images, args.seed + 1)
+    guard = FreezeAsGuard(rho=args.rho, rounds=args.rounds, seed=args.seed)
+    mask = guard.learn(pipe, illegal, legal)
+    with atomic_folder(Path(args.out), overwrite=args.overwrite) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        info = Path(pipe.obliviate_source) / "obliviate.json"
+        if info.exists():
+            (tmp / "obliviate.json").write_text(info.read_text())
+        ledger = Ledger.load(Path(pipe.obliviate_source))
+        if ledger:
+            ledger.save(tmp)
+        mask.save(tmp)
+    print(f"wrote {args.out}: {len(mask.frozen)} tensors frozen ({mask.frozen_fraction:.0%} of UNet parameters)")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from .checkpoint import atomic_folder
+    from .finetune import finetune
+    from .methods.freeze_guard import GuardMask
+    from .pipeline import load_pipeline
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    pipe = load_pipeline(args.model, device=args.device)
+    data = _training_data(pipe, args.data, args.concepts, args.images, args.seed)
+    mask = None if args.no_mask else GuardMask.load(Path(pipe.obliviate_source))
+    stats = finetune(pipe, data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                     freeze=set(mask.frozen) if mask else set(), seed=args.seed)
+    with atomic_folder(Path(args.out), overwrite=args.overwrite) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        info = {**getattr(pipe, "obliviate_info", {}), "finetuned_from": str(args.model),
+                "guard_mask_honoured": mask is not None}
+        info.pop("lineage", None)
+        (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
+    print(f"wrote {args.out}: loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}, "
+          f"{stats['trained_tensors']} tensors trained{' (guard mask honoured)' if mask else ''}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `obliviate` command (one sub-command per job)."""
     parser = argparse.ArgumentParser(
@@ -222,6 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=_cmd_export)
+
+    gd = sub.add_parser("guard", help="FreezeAsGuard: learn which UNet tensors to freeze")
+    gd.add_argument("--model", required=True)
+    gd.add_argument("--concept", action="append", help="illegal concept (shapes world)")
+    gd.add_argument("--legal", action="append", help="legal concept to keep trainable (shapes world)")
+    gd.add_argument("--illegal-data", help="folder of captioned images of the illegal domain")
+    gd.add_argument("--legal-data", help="folder of captioned images of the legal domain")
+    gd.add_argument("--rho", type=float, default=0.5, help="fraction of UNet parameters to freeze")
+    gd.add_argument("--rounds", type=int, default=8)
+    gd.add_argument("--images", type=int, default=64, help="rendered images per domain (shapes)")
+    gd.add_argument("--seed", type=int, default=0)
+    gd.add_argument("--out", required=True)
+    gd.add_argument("--overwrite", action="store_true")
+    gd.set_defaults(func=_cmd_guard)
+
+    ft = sub.add_parser("finetune", help="fine-tune a model's UNet, honouring its guard mask")
+    ft.add_argument("--model", required=True)
+    ft.add_argument("--data", help="folder of images with captions.json or .txt captions")
+    ft.add_argument("--concepts", action="append", help="render images of these (shapes world)")
+    ft.add_argument("--images", type=int, default=64)
+    ft.add_argument("--steps", type=int, default=100)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--no-mask", action="store_true", help="ignore the guard mask (for comparison)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="cpu")
+    ft.add_argument("--out", required=True)
+    ft.add_argument("--overwrite", action="store_true")
+    ft.set_defaults(func=_cmd_finetune)
 
     d = sub.add_parser("demo", help="a tour of a model: sample grids, metrics, an HTML page")
     d.add_argument("--model", default="shapes")

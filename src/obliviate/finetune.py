@@ -1,0 +1,108 @@
+"""Plain fine-tuning of a model's UNet on (image, caption) data, optionally honouring a mask.
+
+This is what a user — or an attacker — does after a model is released: it is the lower
+level of FreezeAsGuard, the "relearning attack" a guard must withstand, and the resurgence
+probe of the evaluation. A frozen-tensor mask (`freeze`: names of UNet tensors) keeps those
+tensors at their released values.
+
+Data: a folder of images with captions (`captions.json`: {"file.png": "caption"}, or a
+`.txt` beside each image), or, for the shapes world, a list of concepts to render.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .engine.data import encode_images, read_image_folder
+from .errors import ObliviateError
+
+
+@dataclass(frozen=True)
+class Captioned:
+    """Images (uint8, N x H x W x 3) and one caption each."""
+
+    images: np.ndarray
+    captions: list[str]
+
+
+def read_captioned_folder(folder: str | Path, size: int) -> Captioned:
+    """Images of `folder` with captions from `captions.json` or per-image `.txt` files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ObliviateError(f"--data {folder} is not a folder of images")
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    table = json.loads((folder / "captions.json").read_text()) if (folder / "captions.json").exists() else {}
+    captions = []
+    for p in files:
+        if p.name in table:
+            captions.append(table[p.name])
+        elif p.with_suffix(".txt").exists():
+            captions.append(p.with_suffix(".txt").read_text().strip())
+        else:
+            raise ObliviateError(f"{p.name} has no caption: add captions.json or {p.with_suffix('.txt').name}")
+    return Captioned(read_image_folder(folder, size), captions)
+
+
+def shapes_data(concepts: list[str], n: int, seed: int) -> Captioned:
+    """`n` rendered images showing all of `concepts` (others random), with captions."""
+    from .shapes import vocab, world
+
+    rng = np.random.default_rng(seed)
+    fixed = {vocab.concept(c).kind: vocab.concept(c).name for c in concepts}
+    images, captions = [], []
+    for _ in range(n):
+        scene = world.Scene(**{**world.random_scene(rng).__dict__, **fixed})
+        images.append(world.render(scene, int(rng.integers(2**31 - 1))))
+        captions.append(world.caption(scene, rng, vocab.EVAL_TEMPLATE if rng.random() < 0.5 else None))
+    return Captioned(np.stack(images), captions)
+
+
+def finetune(pipe, data: Captioned, steps: int = 100, lr: float = 1e-4, batch_size: int = 8,
+             freeze: set[str] | frozenset = frozenset(), seed: int = 0, progress: bool = True) -> dict:
+    """Fine-tune `pipe.unet` in place on `data` with the denoising loss; `freeze` tensors stay.
+
+    Returns the first and last losses. The text encoder and VAE are not trained.
+    """
+    from diffusers import DDPMScheduler
+
+    unet = pipe.unet
+    pipe.text_encoder.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    params = [p for n, p in unet.named_parameters() if n not in freeze]
+    unet.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ObliviateError("every UNet tensor is frozen; nothing to fine-tune")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = encode_images(pipe, data.images)
+    tok = pipe.tokenizer
+    ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    unet.train()
+    for _ in tqdm(range(steps), desc="finetune", disable=not progress):
+        idx = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        x0 = latents[idx].to(pipe.device)
+        noise = torch.randn(x0.shape, generator=generator).to(pipe.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(pipe.device)
+        with torch.no_grad():
+            context = pipe.text_encoder(ids[idx].to(pipe.device))[0]
+        loss = (unet(scheduler.add_noise(x0, noise, t), t, context).sample - noise).pow(2).mean()
+        if not torch.isfinite(loss):
+            raise ObliviateError("fine-tuning loss became non-finite; lower --lr")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    unet.eval().requires_grad_(False)
+    return {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
+            "steps": steps, "trained_tensors": len(params)}

@@ -1,0 +1,128 @@
+"""FreezeAsGuard (seed 002): learn which UNet tensors to freeze so re-learning a removed
+concept by fine-tuning adapts poorly, while fine-tuning on legal data still works.
+
+Bilevel, per-tensor soft mask m = σ(x / T):
+- lower level (the user's fine-tuning, simulated): θ_ft starts at the released weights
+  θ_pre and takes `inner_steps` Adam steps on a mix of illegal and legal data;
+- upper level: with θ_mix = m·θ_pre + (1 − m)·θ_ft,
+      min_x  L_legal(θ_mix) − λ·L_illegal(θ_mix) + c·(ρ − mean_params(m))²,
+  i.e. freeze the tensors whose fine-tuning helps the illegal domain most and the legal
+  domain least, at a frozen fraction ρ (by parameter count).
+The result is a binary mask: the highest-m tensors up to ρ of the parameters. Choice: the
+lower level is re-run from θ_pre every round (a fresh simulated user), which keeps the
+mask from fitting one fine-tuning trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..engine.data import encode_images
+
+GUARD_FILE = "guard_mask.json"
+
+
+@dataclass(frozen=True)
+class GuardMask:
+    """The frozen UNet tensors, the fraction of parameters they hold, and their scores."""
+
+    frozen: tuple[str, ...]
+    rho: float
+    frozen_fraction: float
+    scores: dict[str, float]
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / GUARD_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> "GuardMask | None":
+        path = Path(folder) / GUARD_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(tuple(data["frozen"]), data["rho"], data["frozen_fraction"], data["scores"])
+
+
+@dataclass
+class FreezeAsGuard:
+    """Settings of the mask learning (names follow METHODS.md)."""
+
+    rho: float = 0.5
+    rounds: int = 8
+    inner_steps: int = 8
+    inner_lr: float = 3e-4
+    mask_steps: int = 4
+    mask_lr: float = 0.2
+    temperature: float = 1.0
+    lambda_illegal: float = 1.0
+    sparsity: float = 10.0
+    batch_size: int = 8
+    seed: int = 0
+
+    def learn(self, pipe, illegal, legal, progress: bool = True) -> GuardMask:
+        """Learn the mask for `pipe.unet` from illegal and legal `Captioned` data."""
+        unet = pipe.unet
+        names = [n for n, _ in unet.named_parameters()]
+        pre = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        sizes = torch.tensor([pre[n].numel() for n in names], dtype=torch.float32)
+        logits = torch.zeros(len(names), requires_grad=True)
+        mask_opt = torch.optim.Adam([logits], lr=self.mask_lr)
+        data = {k: self._encode(pipe, d) for k, d in (("illegal", illegal), ("legal", legal))}
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in tqdm(range(self.rounds), desc="guard", disable=not progress):
+            ft = self._simulate_finetune(pipe, pre, names, data, gen)
+            for _ in range(self.mask_steps):
+                m = torch.sigmoid(logits / self.temperature)
+                mixed = {n: m[i] * pre[n] + (1 - m[i]) * ft[n] for i, n in enumerate(names)}
+                legal_loss = self._loss(pipe, mixed, data["legal"], gen)
+                illegal_loss = self._loss(pipe, mixed, data["illegal"], gen)
+                frac = (m * sizes).sum() / sizes.sum()
+                upper = legal_loss - self.lambda_illegal * illegal_loss + self.sparsity * (self.rho - frac) ** 2
+                mask_opt.zero_grad()
+                upper.backward()
+                mask_opt.step()
+        scores = torch.sigmoid(logits / self.temperature).detach()
+        order = torch.argsort(scores, descending=True).tolist()
+        frozen, count = [], 0.0
+        for i in order:
+            if count >= self.rho * sizes.sum():
+                break
+            frozen.append(names[i])
+            count += float(sizes[i])
+        return GuardMask(tuple(frozen), self.rho, count / float(sizes.sum()),
+                         {n: float(scores[i]) for i, n in enumerate(names)})
+
+    def _encode(self, pipe, data) -> dict:
+        tok = pipe.tokenizer
+        ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            context = pipe.text_encoder(ids.to(pipe.device))[0]
+        return {"latents": encode_images(pipe, data.images), "context": context}
+
+    def _loss(self, pipe, params: dict, data: dict, gen: torch.Generator) -> torch.Tensor:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        idx = torch.randint(0, len(data["latents"]), (self.batch_size,), generator=gen)
+        x0 = data["latents"][idx].to(pipe.device)
+        noise = torch.randn(x0.shape, generator=gen).to(pipe.device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (self.batch_size,), generator=gen).to(pipe.device)
+        out = functional_call(pipe.unet, params, (sched.add_noise(x0, noise, t), t, data["context"][idx]))
+        return (out.sample - noise).pow(2).mean()
+
+    def _simulate_finetune(self, pipe, pre, names, data, gen) -> dict[str, torch.Tensor]:
+        ft = {n: pre[n].clone().requires_grad_(True) for n in names}
+        opt = torch.optim.Adam(list(ft.values()), lr=self.inner_lr)
+        for _ in range(self.inner_steps):
+            loss = self._loss(pipe, ft, data["illegal"], gen) + self._loss(pipe, ft, data["legal"], gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return {n: v.detach() for n, v in ft.items()}
