@@ -42,6 +42,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     result = {"model": str(args.model),
               **evaluate_model(pipe, images_per_combo=args.images_per_combo, seed=args.seed,
                                batch_size=args.batch_size)}
+    if args.attacks:
+        from .evaluate.attacks import run_attacks
+        from .evaluate.evaluation import load_judge
+        from .ledger import Ledger
+
+        ledger = Ledger.load(Path(pipe.obliviate_source)) if Path(pipe.obliviate_source).is_dir() else None
+        removed = ledger.removed() if ledger else []
+        if not removed:
+            raise ObliviateError(f"{args.model} has no removed concepts in a ledger; nothing to attack")
+        result["attacks"] = run_attacks(pipe, load_judge(pipe), removed, args.attacks.split(","), seed=args.seed)
     text = json.dumps(result, indent=1)
     if args.json:
         out = Path(args.json)
@@ -205,6 +215,30 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
           f"{stats['trained_tensors']} tensors trained{' (guard mask honoured)' if mask else ''}")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench, table, to_json
+    from .report import write_report
+
+    options = {}
+    for pair in args.set or []:
+        method, _, rest = pair.partition(":")
+        if not rest:
+            raise ObliviateError(f"--set {pair!r} must look like method:key=value")
+        options.setdefault(method, {}).update(_parse_options([rest]))
+    result = run_bench(args.methods.split(","), args.sequence.split(","), model=args.model,
+                       images_per_combo=args.images_per_combo,
+                       attacks=args.attacks.split(",") if args.attacks else [],
+                       work=Path(args.work) if args.work else None, options=options)
+    print(table(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(to_json(result))
+    if args.report:
+        index = write_report(result, args.report, command="obliviate " + " ".join(sys.argv[1:]))
+        print(f"wrote {index}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `obliviate` command (one sub-command per job)."""
     parser = argparse.ArgumentParser(
@@ -232,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--attacks", help="comma list of paraphrase,softprompt,resurgence (on removed concepts)")
     e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train-base", help="train the shapes model and its judge from scratch")
@@ -312,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True)
     ft.add_argument("--overwrite", action="store_true")
     ft.set_defaults(func=_cmd_finetune)
+
+    b = sub.add_parser("bench", help="sequential requests, several methods, with attacks and a report")
+    b.add_argument("--model", default="shapes")
+    b.add_argument("--methods", default="duge,esd,uce")
+    b.add_argument("--sequence", default="star,striped,square,red,triangle,dotted")
+    b.add_argument("--images-per-combo", type=int, default=2)
+    b.add_argument("--attacks", default="", help="comma list of paraphrase,softprompt,resurgence")
+    b.add_argument("--set", action="append", metavar="METHOD:KEY=VALUE")
+    b.add_argument("--json")
+    b.add_argument("--report", help="folder for index.html and figures")
+    b.add_argument("--work", help="folder for the models of each step (default: temp)")
+    b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="a tour of a model: sample grids, metrics, an HTML page")
     d.add_argument("--model", default="shapes")

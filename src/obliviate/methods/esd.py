@@ -4,7 +4,8 @@ Distil negative guidance into θ: on x_t,
     target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t)),
     L = ‖ε_θ(x_t, c_tgt, t) − target‖².
 ESD-x (`variant="x"`) trains cross-attention (styles), ESD-u (`"u"`) everything but
-cross-attention (objects).
+cross-attention (objects); `"auto"` (default) picks u when every target is an object, as
+the reference recommends, and x otherwise.
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
 rather than from partially sampling φ at every step: both draw x_t from φ's distribution,
 and the cached form costs no sampling inside the loop.
@@ -25,7 +26,7 @@ from .base import Method, register
 @dataclass
 class ESD(Method):
     name: ClassVar[str] = "esd"
-    variant: str = "x"
+    variant: str = "auto"
     eta: float = 1.0
     steps: int = 100
     lr: float = 1e-4
@@ -34,13 +35,16 @@ class ESD(Method):
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.variant not in ("x", "u"):
+        if self.variant not in ("x", "u", "auto"):
             from ..errors import ObliviateError
 
-            raise ObliviateError(f"ESD variant must be 'x' or 'u', not {self.variant!r}")
-        self.param_group = "attn2" if self.variant == "x" else "non-attn2"
+            raise ObliviateError(f"ESD variant must be 'x', 'u' or 'auto', not {self.variant!r}")
+        self.param_group = "non-attn2" if self.variant == "u" else "attn2"
 
     def prepare(self, ctx) -> None:
+        if self.variant == "auto":
+            objects = all(t.kind == "object" for t in ctx.request.targets)
+            self.param_group = "non-attn2" if objects else "attn2"
         rng = np.random.default_rng(ctx.seed)
         prompts = [p for t in ctx.request.targets
                    for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]

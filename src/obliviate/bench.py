@@ -1,0 +1,122 @@
+"""`obliviate bench`: the UnlearnCanvas-style sequential protocol, several methods side by side.
+
+For each method, starting from the same model, requests T1..Tn are applied one after
+another. After each request: UA of every target removed so far, in-domain retained
+accuracy (other concepts of the kinds removed so far), cross-domain retained accuracy (the
+other kinds), retained ratio (mean accuracy of never-removed concepts over the base's),
+Fréchet distance, seconds, peak memory, bytes stored. After the last request the attacks
+run on every removed concept. Every number comes from images generated in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .erase import erase
+from .evaluate.attacks import naming_prompts, run_attacks
+from .evaluate.evaluation import evaluate_model, load_judge
+from .generate import generate_images
+from .pipeline import load_pipeline
+from .request import Request
+from .shapes import vocab
+
+DEFAULT_SEQUENCE = ("star", "striped", "square", "red", "triangle", "dotted")
+
+
+def _retained(metrics: dict, base: dict, removed: list[str], sequence: list[str]) -> dict:
+    kinds_removed = {vocab.concept(c).kind for c in removed}
+    kept = [c for c in metrics["per_concept"] if c not in sequence]
+    in_domain = [c for c in kept if metrics["per_concept"][c]["kind"] in kinds_removed]
+    cross = [c for c in kept if metrics["per_concept"][c]["kind"] not in kinds_removed]
+    acc = lambda names, m: float(np.mean([m["per_concept"][c]["accuracy"] for c in names])) if names else float("nan")  # noqa: E731
+    return {"ira": acc(in_domain, metrics), "cra": acc(cross, metrics), "retained": acc(kept, metrics),
+            "retained_ratio": acc(kept, metrics) / acc(kept, base)}
+
+
+def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", images_per_combo: int = 2,
+              attacks: list[str] = (), work: Path | None = None, save: str = "delta",
+              options: dict | None = None, grid_images: int = 8, progress: bool = True) -> dict:
+    """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids)."""
+    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
+    base_pipe = load_pipeline(model)
+    judge = load_judge(base_pipe)
+    base = evaluate_model(base_pipe, images_per_combo=images_per_combo, progress=False, judge=judge)
+    related = {c: next((r for r in vocab.CONCEPTS[c].related if r not in sequence), None) for c in sequence}
+
+    def grid(pipe, concept):
+        out = {concept: generate_images(pipe, naming_prompts(concept, grid_images, 7), seed=7)}
+        if related[concept]:
+            out[f"related:{concept}"] = generate_images(pipe, naming_prompts(related[concept], grid_images, 7), seed=7)
+        return out
+
+    grids = {"before": {k: v for c in sequence for k, v in grid(base_pipe, c).items()}}
+    rows, attack_results = [], {}
+    bar = tqdm(total=len(methods) * len(sequence), desc="bench", disable=not progress)
+    for method in methods:
+        pipe = load_pipeline(model)
+        grids[method] = {}
+        for step, concept in enumerate(sequence, 1):
+            bar.set_postfix(method=method, request=concept)
+            out = work / method / f"{step}-{concept}"
+            result = erase(pipe, Request((concept,)), method=method, out=out, save=save,
+                           options=(options or {}).get(method), progress=False)
+            metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge)
+            removed = list(sequence[:step])
+            rows.append({
+                "method": method, "step": step, "removed": concept,
+                "ua": {c: 1 - metrics["per_concept"][c]["accuracy"] for c in removed},
+                **_retained(metrics, base, removed, list(sequence)),
+                "accuracy": metrics["accuracy"], "fid": metrics["fid"],
+                "seconds": result.entry.seconds, "peak_memory_mb": result.entry.peak_memory_mb,
+                "bytes_stored": result.entry.bytes_stored, "model": str(out),
+            })
+            grids[method].update(grid(pipe, concept))
+            bar.update(1)
+            if progress:
+                tqdm.write(format_row(rows[-1], list(sequence)))
+        if attacks:
+            attack_results[method] = run_attacks(pipe, judge, list(sequence), list(attacks))
+    bar.close()
+    return {"model": model, "sequence": list(sequence), "methods": list(methods), "related": related,
+            "images_per_combo": images_per_combo, "base": base, "rows": rows,
+            "attacks": attack_results, "grids": grids}
+
+
+def format_row(row: dict, sequence: list[str]) -> str:
+    """One table line: UA per target so far, retained accuracies, cost."""
+    ua = " ".join(f"{row['ua'][c]:5.2f}" if c in row["ua"] else "    -" for c in sequence)
+    return (f"{row['method']:<10} {row['step']:>2} {row['removed']:<9} | {ua} | "
+            f"ira {row['ira']:.3f} cra {row['cra']:.3f} kept {row['retained_ratio']:.2f} | "
+            f"fid {row['fid']:6.2f} | {row['seconds']:6.1f} s {row['peak_memory_mb']:6.0f} MB "
+            f"{row['bytes_stored'] / 1e6:6.2f} MB")
+
+
+def table(result: dict) -> str:
+    """The headline table as text."""
+    seq = result["sequence"]
+    head = (f"{'method':<10} {'k':>2} {'removed':<9} | " + " ".join(f"{c[:5]:>5}" for c in seq)
+            + " | in-domain, cross-domain, never-removed/base | Fréchet | cost")
+    lines = [head] + [format_row(r, seq) for r in result["rows"]]
+    for method, per_concept in result.get("attacks", {}).items():
+        for concept, r in per_concept.items():
+            parts = []
+            if "paraphrase" in r:
+                parts.append(f"paraphrase UA {r['paraphrase']['ua']:.2f}")
+            if "softprompt" in r:
+                parts.append(f"soft-prompt UA {r['softprompt']['ua']:.2f} ({r['softprompt']['steps']} steps, "
+                             f"{r['softprompt']['tokens']} tokens)")
+            if "resurgence" in r:
+                parts.append(f"resurgence acc {r['resurgence']['accuracy_before']:.2f} -> "
+                             f"{r['resurgence']['accuracy_after']:.2f}")
+            lines.append(f"attack {method:<10} {concept:<9} " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    """The result without image arrays (those go to the report)."""
+    return json.dumps({k: v for k, v in result.items() if k != "grids"}, indent=1)

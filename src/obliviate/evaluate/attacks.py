@@ -1,0 +1,208 @@
+"""Probes that try to bring a removed concept back, each usable on any model folder.
+
+- `paraphrase`: prompts naming the concept through synonyms and templates that erasure
+  never trained on; reports UA under paraphrase.
+- `softprompt`: a textual-inversion attack against the edited model: `tokens` learnable
+  input embeddings, optimised for `steps` on rendered images of the concept (the other
+  attributes named in plain words), then used in place of the concept's word; reports UA
+  under attack and the budget.
+- `resurgence`: fine-tune the edited model for a fixed budget on images of unrelated concepts
+  only; reports the concept's accuracy before and after ("concept resurgence").
+Accuracy of a concept is always the judge's: the share of images whose judged concept of
+that kind is the concept.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..concepts import ERASURE_TEMPLATES
+from ..engine.data import encode_images
+from ..generate import generate_images
+from ..shapes import vocab
+
+_FIELD = {"object": "o", "colour": "c", "style": "s", "background": "b"}
+PLACEHOLDERS = ("~", "^")  # single-token characters that no caption uses
+
+
+def _fill(template: str, fixed: dict[str, str], rng: np.random.Generator, avoid: set[str],
+          synonyms: bool) -> str:
+    words = {}
+    for kind, key in _FIELD.items():
+        if kind in fixed:
+            words[key] = fixed[kind]
+            continue
+        options = [c for c in vocab.BY_KIND[kind] if c.name not in avoid] or list(vocab.BY_KIND[kind])
+        c = options[rng.integers(len(options))]
+        words[key] = c.words[rng.integers(len(c.words))] if synonyms else c.name
+    return vocab.fix_articles(template.format(**words))
+
+
+def concept_accuracy(pipe, judge, concept: str, prompts: list[str], seed: int = 0) -> float:
+    """Share of images for `prompts` that the judge sees as `concept` (of its kind)."""
+    kind = vocab.concept(concept).kind
+    images = generate_images(pipe, prompts, seed=seed)
+    return float(np.mean([p == concept for p in judge.predict(images)[kind]]))
+
+
+def naming_prompts(concept: str, n: int, seed: int, avoid: set[str] = frozenset()) -> list[str]:
+    """Plain prompts naming `concept` in the evaluation template, other attributes random."""
+    c = vocab.concept(concept)
+    rng = np.random.default_rng(seed)
+    return [_fill(vocab.EVAL_TEMPLATE, {c.kind: c.name}, rng, set(avoid) | {c.name}, False) for _ in range(n)]
+
+
+def paraphrase_prompts(concept: str, n: int, seed: int) -> list[str]:
+    """Prompts naming `concept` only through its synonyms, in templates erasure never used."""
+    c = vocab.concept(concept)
+    rng = np.random.default_rng(seed)
+    templates = [t for t in vocab.TEMPLATES if t not in ERASURE_TEMPLATES and "{" + _FIELD[c.kind] + "}" in t]
+    templates = templates or [vocab.EVAL_TEMPLATE]
+    prompts = []
+    for i in range(n):
+        word = c.synonyms[i % len(c.synonyms)] if c.synonyms else c.name
+        prompts.append(_fill(templates[rng.integers(len(templates))], {c.kind: word}, rng, {c.name}, True))
+    return prompts
+
+
+def paraphrase_attack(pipe, judge, concept: str, n: int = 48, seed: int = 0) -> dict:
+    """UA of `concept` under paraphrased prompts."""
+    prompts = paraphrase_prompts(concept, n, seed)
+    acc = concept_accuracy(pipe, judge, concept, prompts, seed)
+    return {"ua": 1 - acc, "n": n, "example_prompt": prompts[0]}
+
+
+@contextmanager
+def _soft_tokens(text_encoder, token_ids: list[int], vectors: torch.Tensor):
+    """Within the block, the input embeddings of `token_ids` are replaced by `vectors`."""
+    embedding = text_encoder.get_input_embeddings()
+    ids = torch.tensor(token_ids)
+
+    def hook(module, inputs, output):
+        (input_ids,) = inputs
+        out = output.clone()
+        for j, tid in enumerate(ids.tolist()):
+            where = input_ids == tid
+            if where.any():
+                out[where] = vectors[j].to(out.dtype)
+        return out
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class SoftPromptAttack:
+    """Textual inversion against an edited model (budget: `steps` x `batch_size`, `tokens`)."""
+
+    steps: int = 150
+    tokens: int = 2
+    lr: float = 0.02
+    batch_size: int = 8
+    images: int = 32
+    seed: int = 0
+
+    def run(self, pipe, judge, concept: str, n_eval: int = 48) -> dict:
+        """Optimise the soft tokens for `concept`, then measure UA with them in the prompt."""
+        from diffusers import DDPMScheduler
+
+        from ..concepts import ShapesWorld
+        from ..shapes import world
+
+        c = vocab.concept(concept)
+        tok, text = pipe.tokenizer, pipe.text_encoder
+        token_ids = [tok(p, add_special_tokens=False).input_ids[0] for p in PLACEHOLDERS[: self.tokens]]
+        placeholder = " ".join(PLACEHOLDERS[: self.tokens])
+        rng = np.random.default_rng(self.seed)
+        # training data: rendered images, captions with the concept's word replaced by the soft tokens
+        scenes = [world.Scene(**{**world.random_scene(rng).__dict__, c.kind: c.name}) for _ in range(self.images)]
+        pictures = np.stack([world.render(s, int(rng.integers(2**31 - 1))) for s in scenes])
+        captions = []
+        for s in scenes:
+            fields = {k: getattr(s, k) for k in ("object", "colour", "style")}
+            fields[c.kind] = placeholder
+            captions.append(vocab.fix_articles(
+                vocab.EVAL_TEMPLATE.format(o=fields["object"], c=fields["colour"], s=fields["style"])))
+        latents = encode_images(pipe, pictures)
+        embedding = text.get_input_embeddings().weight
+        init = embedding[tok("a", add_special_tokens=False).input_ids[0]].detach()
+        vectors = init.repeat(self.tokens, 1).clone().requires_grad_(True)
+        opt = torch.optim.Adam([vectors], lr=self.lr)
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(pipe.device)
+        gen = torch.Generator().manual_seed(self.seed)
+        for module in (pipe.unet, text, pipe.vae):
+            module.requires_grad_(False)
+        losses = []
+        with _soft_tokens(text, token_ids, vectors):
+            for _ in range(self.steps):
+                idx = torch.randint(0, len(latents), (self.batch_size,), generator=gen)
+                x0 = latents[idx].to(pipe.device)
+                noise = torch.randn(x0.shape, generator=gen).to(pipe.device)
+                t = torch.randint(0, sched.config.num_train_timesteps, (self.batch_size,), generator=gen).to(pipe.device)
+                context = text(ids[idx])[0]
+                loss = (pipe.unet(sched.add_noise(x0, noise, t), t, context).sample - noise).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            prompts = naming_prompts(concept, n_eval, self.seed + 1)
+            prompts = [p.replace(c.name, placeholder, 1) for p in prompts]
+            acc = concept_accuracy(pipe, judge, concept, prompts, self.seed)
+        return {"ua": 1 - acc, "accuracy": acc, "steps": self.steps, "tokens": self.tokens,
+                "batch_size": self.batch_size, "images": self.images, "n": n_eval,
+                "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:]))}
+
+
+def resurgence_attack(pipe, judge, concept: str, removed: list[str], steps: int = 100,
+                      lr: float = 1e-4, n_eval: int = 48, seed: int = 0) -> dict:
+    """Accuracy of `concept` before and after fine-tuning a copy of the model on images of
+    concepts never removed (the fine-tuning data never shows the concept)."""
+    from ..finetune import Captioned, finetune
+    from ..shapes import world
+
+    prompts = naming_prompts(concept, n_eval, seed + 2)
+    before = concept_accuracy(pipe, judge, concept, prompts, seed)
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    allowed = {k: [c.name for c in vocab.BY_KIND[k] if c.name not in removed] for k in _FIELD}
+    for _ in range(64):
+        scene = world.Scene(**{k: allowed[k][rng.integers(len(allowed[k]))] for k in _FIELD})
+        images.append(world.render(scene, int(rng.integers(2**31 - 1))))
+        captions.append(world.caption(scene, rng))
+    copy_pipe = copy.deepcopy(pipe)
+    finetune(copy_pipe, Captioned(np.stack(images), captions), steps=steps, lr=lr, seed=seed, progress=False)
+    after = concept_accuracy(copy_pipe, judge, concept, prompts, seed)
+    return {"accuracy_before": before, "accuracy_after": after, "steps": steps, "lr": lr, "n": n_eval}
+
+
+ATTACKS = ("paraphrase", "softprompt", "resurgence")
+
+
+def run_attacks(pipe, judge, removed: list[str], attacks: list[str], seed: int = 0) -> dict:
+    """Every requested attack on every removed concept: `{concept: {attack: result}}`."""
+    from ..errors import ObliviateError
+
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ObliviateError(f"unknown attack {sorted(unknown)[0]!r}; choose from {', '.join(ATTACKS)}")
+    results = {}
+    for concept in removed:
+        r = {}
+        if "paraphrase" in attacks:
+            r["paraphrase"] = paraphrase_attack(pipe, judge, concept, seed=seed)
+        if "softprompt" in attacks:
+            r["softprompt"] = SoftPromptAttack(seed=seed).run(pipe, judge, concept)
+        if "resurgence" in attacks:
+            r["resurgence"] = resurgence_attack(pipe, judge, concept, removed, seed=seed)
+        results[concept] = r
+    return results
