@@ -77,3 +77,36 @@ def test_report_renders_in_headless_chromium(bench_result, tmp_path):
 
     picture = Image.open(shot).convert("L")
     assert picture.getextrema()[0] < 100  # something dark was drawn: the page is not blank
+
+
+def _tiny_clip(folder):
+    from transformers import CLIPConfig, CLIPModel
+
+    from obliviate.shapes.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_real_model_eval_with_a_clip_judge(tmp_path, capsys):
+    from obliviate.cli import main
+
+    base = save_tiny_sd(tmp_path / "sd")
+    clip = _tiny_clip(tmp_path / "clip")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(base), "--judge", f"clip:{clip}", "--concepts", "a castle,a dog",
+                 "--images-per-concept", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["per_concept"]) == {"a castle", "a dog"}
+    assert all(0 <= v["accuracy"] <= 1 and v["n"] == 3 for v in result["per_concept"].values())
+    assert main(["eval", "--model", str(base), "--judge", f"clip:{tmp_path / 'nope'}", "--concepts", "x"]) == 2
+    assert "no CLIP model folder" in capsys.readouterr().err

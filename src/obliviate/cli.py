@@ -39,9 +39,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
-    result = {"model": str(args.model),
-              **evaluate_model(pipe, images_per_combo=args.images_per_combo, seed=args.seed,
-                               batch_size=args.batch_size)}
+    if args.judge:
+        from .evaluate.external_judges import evaluate_concepts, load_external_judge
+
+        concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]
+        result = {"model": str(args.model), "judge": args.judge,
+                  **evaluate_concepts(pipe, load_external_judge(args.judge), concepts,
+                                      images_per_concept=args.images_per_concept, seed=args.seed)}
+    else:
+        result = {"model": str(args.model),
+                  **evaluate_model(pipe, images_per_combo=args.images_per_combo, seed=args.seed,
+                                   batch_size=args.batch_size)}
     if args.attacks:
         from .evaluate.attacks import run_attacks
         from .evaluate.evaluation import load_judge
@@ -59,13 +67,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(text)
         tmp.replace(out)
+    _print_eval(result, args.json)
+
+
+def _print_eval(result: dict, json_path: str | None) -> None:
     acc = result["accuracy"]
     print("accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     worst = min(result["per_concept"].items(), key=lambda kv: kv[1]["accuracy"])
-    print(f"weakest concept: {worst[0]} {worst[1]['accuracy']:.3f}   fid {result['fid']:.3f}   "
+    fid = f"fid {result['fid']:.3f}" if result.get("fid") is not None else "fid n/a"
+    print(f"weakest concept: {worst[0]} {worst[1]['accuracy']:.3f}   {fid}   "
           f"{result['images']} images in {result['seconds']:.0f} s")
-    if args.json:
-        print(f"wrote {args.json}")
+    if json_path:
+        print(f"wrote {json_path}")
 
 
 def _cmd_train_base(args: argparse.Namespace) -> None:
@@ -267,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="cpu")
     e.add_argument("--attacks", help="comma list of paraphrase,softprompt,resurgence (on removed concepts)")
+    e.add_argument("--judge", help="for real models: clip:FOLDER or classifier:FOLDER")
+    e.add_argument("--concepts", help="for real models: comma list of concepts to judge")
+    e.add_argument("--images-per-concept", type=int, default=8)
     e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train-base", help="train the shapes model and its judge from scratch")
