@@ -58,9 +58,6 @@ class ConceptWorld:
         raise NotImplementedError
 
 
-_FIELD = {"object": "o", "colour": "c", "style": "s", "background": "b"}
-# Templates erasure trains on; paraphrase probes use the others and the synonyms.
-ERASURE_TEMPLATES = vocab.TEMPLATES[:5]
 
 
 class ShapesWorld(ConceptWorld):
@@ -89,47 +86,33 @@ class ShapesWorld(ConceptWorld):
         return [c.name for c in vocab.BY_KIND[target.kind]
                 if c.name != target.name and c.name not in avoid]
 
-    def _fill(self, template: str, fixed: dict[str, str], rng: np.random.Generator,
-              avoid: set[str], synonyms: bool) -> str:
-        words = {}
-        for kind, key in _FIELD.items():
-            if kind in fixed:
-                words[key] = fixed[kind]
-                continue
-            options = [c for c in vocab.BY_KIND[kind] if c.name not in avoid]
-            c = options[rng.integers(len(options))]
-            words[key] = c.words[rng.integers(len(c.words))] if synonyms else c.name
-        return vocab.fix_articles(template.format(**words))
-
     def prompt_pairs(self, target, anchor, n, rng, synonyms=False):
         """`n` (target prompt, anchor prompt) pairs: the same caption with the target's word
         replaced by the anchor's; other concepts random (never a removed one)."""
-        templates = [t for t in ERASURE_TEMPLATES if "{" + _FIELD[target.kind] + "}" in t]
+        templates = [t for t in vocab.ERASURE_TEMPLATES if vocab.names(t, target.kind)]
         pairs = []
         for _ in range(n):
             template = templates[rng.integers(len(templates))]
             word = target.words[rng.integers(len(target.words))] if synonyms else target.name
             state = rng.bit_generator.state
-            p_tgt = self._fill(template, {target.kind: word}, rng, {target.name}, synonyms)
+            p_tgt = vocab.fill(template, {target.kind: word}, rng, {target.name}, synonyms)
             rng.bit_generator.state = state
-            p_anc = self._fill(template, {target.kind: anchor}, rng, {target.name}, synonyms)
+            p_anc = vocab.fill(template, {target.kind: anchor}, rng, {target.name}, synonyms)
             pairs.append((p_tgt, p_anc))
         return pairs
 
     def prompts_naming(self, concept, n, rng, avoid=frozenset()):
         """`n` training-style prompts naming `concept`, other slots avoiding `avoid`."""
         c = vocab.concept(concept)
-        templates = [t for t in ERASURE_TEMPLATES if "{" + _FIELD[c.kind] + "}" in t]
-        return [self._fill(templates[rng.integers(len(templates))], {c.kind: c.name}, rng,
-                           set(avoid) | {c.name}, False) for _ in range(n)]
+        templates = [t for t in vocab.ERASURE_TEMPLATES if vocab.names(t, c.kind)]
+        return [vocab.fill(templates[rng.integers(len(templates))], {c.kind: c.name}, rng,
+                           set(avoid) | {c.name}) for _ in range(n)]
 
     def memory_prompts(self, avoid, n, rng):
         """`n` prompts naming only concepts outside `avoid` (the replay memory bank)."""
         exhausted = [k for k, cs in vocab.BY_KIND.items() if all(c.name in avoid for c in cs)]
-        templates = [t for t in vocab.TEMPLATES
-                     if not any("{" + _FIELD[k] + "}" in t for k in exhausted)]
-        return [self._fill(templates[rng.integers(len(templates))], {}, rng, set(avoid), False)
-                for _ in range(n)]
+        templates = [t for t in vocab.TEMPLATES if not any(vocab.names(t, k) for k in exhausted)]
+        return [vocab.fill(templates[rng.integers(len(templates))], {}, rng, set(avoid)) for _ in range(n)]
 
 
     def real_images(self, concept, n, seed):

@@ -63,6 +63,23 @@ def shapes_data(concepts: list[str], n: int, seed: int) -> Captioned:
     return Captioned(np.stack(images), captions)
 
 
+def prompt_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's full length, as Stable Diffusion pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def denoising_loss(unet, scheduler, x0: torch.Tensor, context: torch.Tensor,
+                   generator: torch.Generator, params: dict | None = None) -> torch.Tensor:
+    """‖ε − ε_θ(x_t, c, t)‖² with ε and t drawn from `generator`; with `params`, the UNet is
+    called with those tensors in place of its own (torch.func.functional_call)."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+    args = (scheduler.add_noise(x0, noise, t), t, context)
+    out = torch.func.functional_call(unet, params, args) if params is not None else unet(*args)
+    return (out.sample - noise).pow(2).mean()
+
+
 def finetune(pipe, data: Captioned, steps: int = 100, lr: float = 1e-4, batch_size: int = 8,
              freeze: set[str] | frozenset = frozenset(), seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune `pipe.unet` in place on `data` with the denoising loss; `freeze` tensors stay.
@@ -82,21 +99,16 @@ def finetune(pipe, data: Captioned, steps: int = 100, lr: float = 1e-4, batch_si
         raise ObliviateError("every UNet tensor is frozen; nothing to fine-tune")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     latents = encode_images(pipe, data.images)
-    tok = pipe.tokenizer
-    ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = prompt_ids(pipe.tokenizer, data.captions)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     unet.train()
     for _ in tqdm(range(steps), desc="finetune", disable=not progress):
         idx = torch.randint(0, len(latents), (batch_size,), generator=generator)
-        x0 = latents[idx].to(pipe.device)
-        noise = torch.randn(x0.shape, generator=generator).to(pipe.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(pipe.device)
         with torch.no_grad():
             context = pipe.text_encoder(ids[idx].to(pipe.device))[0]
-        loss = (unet(scheduler.add_noise(x0, noise, t), t, context).sample - noise).pow(2).mean()
+        loss = denoising_loss(unet, scheduler, latents[idx].to(pipe.device), context, generator)
         if not torch.isfinite(loss):
             raise ObliviateError("fine-tuning loss became non-finite; lower --lr")
         optimizer.zero_grad()

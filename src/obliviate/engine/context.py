@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from ..concepts import ConceptWorld
+from ..finetune import prompt_ids
 from ..request import ResolvedRequest
 from .data import LatentCache
 
@@ -65,9 +66,7 @@ class EraseContext:
 
     # -- text --------------------------------------------------------------------------------
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                   truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return prompt_ids(self.tokenizer, prompts).to(self.device)
 
     def encode(self, prompts: list[str], frozen: bool = False) -> torch.Tensor:
         """Text-encoder hidden states (the UNet's cross-attention context) for `prompts`.

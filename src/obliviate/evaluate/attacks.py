@@ -21,26 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..concepts import ERASURE_TEMPLATES
 from ..engine.data import encode_images
+from ..finetune import denoising_loss, prompt_ids
 from ..generate import generate_images
 from ..shapes import vocab
 
-_FIELD = {"object": "o", "colour": "c", "style": "s", "background": "b"}
 PLACEHOLDERS = ("~", "^")  # single-token characters that no caption uses
-
-
-def _fill(template: str, fixed: dict[str, str], rng: np.random.Generator, avoid: set[str],
-          synonyms: bool) -> str:
-    words = {}
-    for kind, key in _FIELD.items():
-        if kind in fixed:
-            words[key] = fixed[kind]
-            continue
-        options = [c for c in vocab.BY_KIND[kind] if c.name not in avoid] or list(vocab.BY_KIND[kind])
-        c = options[rng.integers(len(options))]
-        words[key] = c.words[rng.integers(len(c.words))] if synonyms else c.name
-    return vocab.fix_articles(template.format(**words))
 
 
 def concept_accuracy(pipe, judge, concept: str, prompts: list[str], seed: int = 0) -> float:
@@ -54,19 +40,19 @@ def naming_prompts(concept: str, n: int, seed: int, avoid: set[str] = frozenset(
     """Plain prompts naming `concept` in the evaluation template, other attributes random."""
     c = vocab.concept(concept)
     rng = np.random.default_rng(seed)
-    return [_fill(vocab.EVAL_TEMPLATE, {c.kind: c.name}, rng, set(avoid) | {c.name}, False) for _ in range(n)]
+    return [vocab.fill(vocab.EVAL_TEMPLATE, {c.kind: c.name}, rng, set(avoid) | {c.name}) for _ in range(n)]
 
 
 def paraphrase_prompts(concept: str, n: int, seed: int) -> list[str]:
     """Prompts naming `concept` only through its synonyms, in templates erasure never used."""
     c = vocab.concept(concept)
     rng = np.random.default_rng(seed)
-    templates = [t for t in vocab.TEMPLATES if t not in ERASURE_TEMPLATES and "{" + _FIELD[c.kind] + "}" in t]
+    templates = [t for t in vocab.TEMPLATES if t not in vocab.ERASURE_TEMPLATES and vocab.names(t, c.kind)]
     templates = templates or [vocab.EVAL_TEMPLATE]
     prompts = []
     for i in range(n):
         word = c.synonyms[i % len(c.synonyms)] if c.synonyms else c.name
-        prompts.append(_fill(templates[rng.integers(len(templates))], {c.kind: word}, rng, {c.name}, True))
+        prompts.append(vocab.fill(templates[rng.integers(len(templates))], {c.kind: word}, rng, {c.name}, True))
     return prompts
 
 
@@ -114,7 +100,6 @@ class SoftPromptAttack:
         """Optimise the soft tokens for `concept`, then measure UA with them in the prompt."""
         from diffusers import DDPMScheduler
 
-        from ..concepts import ShapesWorld
         from ..shapes import world
 
         c = vocab.concept(concept)
@@ -137,8 +122,7 @@ class SoftPromptAttack:
         vectors = init.repeat(self.tokens, 1).clone().requires_grad_(True)
         opt = torch.optim.Adam([vectors], lr=self.lr)
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(pipe.device)
+        ids = prompt_ids(tok, captions).to(pipe.device)
         gen = torch.Generator().manual_seed(self.seed)
         for module in (pipe.unet, text, pipe.vae):
             module.requires_grad_(False)
@@ -146,11 +130,7 @@ class SoftPromptAttack:
         with _soft_tokens(text, token_ids, vectors):
             for _ in range(self.steps):
                 idx = torch.randint(0, len(latents), (self.batch_size,), generator=gen)
-                x0 = latents[idx].to(pipe.device)
-                noise = torch.randn(x0.shape, generator=gen).to(pipe.device)
-                t = torch.randint(0, sched.config.num_train_timesteps, (self.batch_size,), generator=gen).to(pipe.device)
-                context = text(ids[idx])[0]
-                loss = (pipe.unet(sched.add_noise(x0, noise, t), t, context).sample - noise).pow(2).mean()
+                loss = denoising_loss(pipe.unet, sched, latents[idx].to(pipe.device), text(ids[idx])[0], gen)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -174,9 +154,9 @@ def resurgence_attack(pipe, judge, concept: str, removed: list[str], steps: int 
     before = concept_accuracy(pipe, judge, concept, prompts, seed)
     rng = np.random.default_rng(seed)
     images, captions = [], []
-    allowed = {k: [c.name for c in vocab.BY_KIND[k] if c.name not in removed] for k in _FIELD}
+    allowed = {k: [c.name for c in vocab.BY_KIND[k] if c.name not in removed] for k in vocab.KINDS}
     for _ in range(64):
-        scene = world.Scene(**{k: allowed[k][rng.integers(len(allowed[k]))] for k in _FIELD})
+        scene = world.Scene(**{k: allowed[k][rng.integers(len(allowed[k]))] for k in vocab.KINDS})
         images.append(world.render(scene, int(rng.integers(2**31 - 1))))
         captions.append(world.caption(scene, rng))
     copy_pipe = copy.deepcopy(pipe)

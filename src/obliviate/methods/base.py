@@ -67,7 +67,7 @@ class Method:
         keys = ("param_group", "steps", "lr", "batch_size")
         out = {k: getattr(self, k) for k in keys if hasattr(self, k)}
         if is_dataclass(self):
-            out.update({f.name: getattr(self, f.name) for f in fields(self)})
+            out.update({f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")})
         return out
 
 

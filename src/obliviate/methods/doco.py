@@ -127,6 +127,3 @@ class DoCo(Method):
     def load_state(self, tensors) -> None:
         if tensors:
             self.disc.load_state_dict({k[len("disc."):]: v for k, v in tensors.items()})
-
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if not k.startswith("_")}

@@ -135,6 +135,3 @@ class DUGE(Method):
         if "rebound" in batch:
             terms["rebound"] = self.lambda_rebound * self.attention_loss(ctx, batch["rebound"])
         return terms
-
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if not k.startswith("_")}

@@ -64,6 +64,3 @@ class ESD(Method):
         e_0 = ctx.eps(x_t, t, self._null.expand(len(x_t), -1, -1), frozen=True)
         target = e_0 - self.eta * (e_c - e_0)
         return {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}
-
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if not k.startswith("_")}

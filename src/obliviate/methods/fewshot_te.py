@@ -60,6 +60,3 @@ class FewShotTextEncoder(Method):
 
     def loss(self, ctx, batch):
         return {"ascent": -ctx.diffusion_loss(batch)}
-
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if not k.startswith("_")}

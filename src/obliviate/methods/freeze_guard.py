@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..engine.data import encode_images
+from ..finetune import denoising_loss, prompt_ids
 
 GUARD_FILE = "guard_mask.json"
 
@@ -99,9 +99,7 @@ class FreezeAsGuard:
                          {n: float(scores[i]) for i, n in enumerate(names)})
 
     def _encode(self, pipe, data) -> dict:
-        tok = pipe.tokenizer
-        ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids
+        ids = prompt_ids(pipe.tokenizer, data.captions)
         with torch.no_grad():
             context = pipe.text_encoder(ids.to(pipe.device))[0]
         return {"latents": encode_images(pipe, data.images), "context": context}
@@ -111,11 +109,8 @@ class FreezeAsGuard:
 
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
         idx = torch.randint(0, len(data["latents"]), (self.batch_size,), generator=gen)
-        x0 = data["latents"][idx].to(pipe.device)
-        noise = torch.randn(x0.shape, generator=gen).to(pipe.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (self.batch_size,), generator=gen).to(pipe.device)
-        out = functional_call(pipe.unet, params, (sched.add_noise(x0, noise, t), t, data["context"][idx]))
-        return (out.sample - noise).pow(2).mean()
+        return denoising_loss(pipe.unet, sched, data["latents"][idx].to(pipe.device),
+                              data["context"][idx], gen, params=params)
 
     def _simulate_finetune(self, pipe, pre, names, data, gen) -> dict[str, torch.Tensor]:
         ft = {n: pre[n].clone().requires_grad_(True) for n in names}

@@ -75,6 +75,3 @@ class RGD(Method):
         if "forget" not in grads:
             return [self.alpha * g for g in grads["remain"]]
         return restricted_gradient(grads["forget"], grads["remain"], self.alpha)
-
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if not k.startswith("_")}

@@ -38,6 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..checkpoint import atomic_folder, load_training_state, save_training_state
 from ..evaluate.judge import Judge, augment, to_tensor
+from ..finetune import prompt_ids
 from ..generate import generate_images
 from . import vocab, world
 from .tokenizer import MAX_LENGTH, build_tokenizer
@@ -149,9 +150,6 @@ class ConceptHeads(nn.Module):
         return torch.stack(losses).mean() if losses else pooled.sum() * 0
 
 
-_FIELD_OF_KIND = {"object": "{o}", "colour": "{c}", "style": "{s}", "background": "{b}"}
-
-
 def sample_captions(
     scenes: list[world.Scene], rng: np.random.Generator, dropout: float
 ) -> tuple[list[str], torch.Tensor]:
@@ -165,7 +163,7 @@ def sample_captions(
         template = vocab.TEMPLATES[rng.integers(len(vocab.TEMPLATES))]
         texts.append(world.caption(scene, rng, template))
         lab = scene.labels()
-        labels.append([lab[k] if _FIELD_OF_KIND[k] in template else -100 for k in vocab.KINDS])
+        labels.append([lab[k] if vocab.names(template, k) else -100 for k in vocab.KINDS])
     return texts, torch.tensor(labels)
 
 
@@ -303,8 +301,7 @@ class BaseTrainer:
         for step in (bar := tqdm(range(self.cfg.text_steps), desc="text")):
             scenes = [world.random_scene(rng) for _ in range(256)]
             texts, labels = sample_captions(scenes, rng, dropout=0.0)
-            ids = tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = prompt_ids(tok, texts)
             loss = heads.loss(text(ids).pooler_output, labels)
             opt.zero_grad()
             loss.backward()
@@ -358,8 +355,7 @@ class BaseTrainer:
             idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
             z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
             texts, labels = sample_captions([scenes[i] for i in idx.tolist()], rng, cfg.caption_dropout)
-            ids = tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                      return_tensors="pt").input_ids.to(dev)
+            ids = prompt_ids(tok, texts).to(dev)
             enc = text(ids)
             z = z.to(dev)
             noise = torch.randn(z.shape, generator=gen).to(dev)

@@ -100,6 +100,10 @@ TEMPLATES = (
     "a {s} pattern",
 )
 EVAL_TEMPLATE = "a {c} {s} {o}"
+# The template field of each kind.
+FIELD = {"object": "o", "colour": "c", "style": "s", "background": "b"}
+# Templates erasure methods train on; paraphrase probes use the others, and the synonyms.
+ERASURE_TEMPLATES = TEMPLATES[:5]
 
 # Words that carry no concept; the tokenizer knows them as whole words.
 FILLER_WORDS = (
@@ -131,3 +135,22 @@ def all_words() -> list[str]:
 def fix_articles(text: str) -> str:
     """'a outlined star' -> 'an outlined star' (captions are filled from templates)."""
     return re.sub(r"\ba ([aeiou])", r"an \1", text)
+
+
+def names(template: str, kind: str) -> bool:
+    """Whether `template` has a slot for concepts of `kind`."""
+    return "{" + FIELD[kind] + "}" in template
+
+
+def fill(template: str, fixed: dict[str, str], rng, avoid=frozenset(), synonyms: bool = False) -> str:
+    """Fill `template`: kinds in `fixed` get that word; the other slots a random concept not
+    in `avoid` (any, if all are avoided), named by a random synonym when `synonyms`."""
+    words = {}
+    for kind, key in FIELD.items():
+        if kind in fixed:
+            words[key] = fixed[kind]
+            continue
+        options = [c for c in BY_KIND[kind] if c.name not in avoid] or list(BY_KIND[kind])
+        c = options[rng.integers(len(options))]
+        words[key] = c.words[rng.integers(len(c.words))] if synonyms else c.name
+    return fix_articles(template.format(**words))

@@ -31,12 +31,9 @@ class Scene:
     def labels(self) -> dict[str, int]:
         """Class index of each concept within its kind, in `vocab.BY_KIND` order."""
         return {
-            kind: [c.name for c in vocab.BY_KIND[kind]].index(getattr(self, _FIELD[kind]))
+            kind: [c.name for c in vocab.BY_KIND[kind]].index(getattr(self, kind))
             for kind in vocab.KINDS
         }
-
-
-_FIELD = {"object": "object", "colour": "colour", "style": "style", "background": "background"}
 
 
 def all_scenes() -> list[Scene]:
@@ -132,8 +129,8 @@ def caption(scene: Scene, rng: np.random.Generator, template: str | None = None)
     """A caption for `scene` from a random template, with random synonyms for each concept."""
     template = template or vocab.TEMPLATES[rng.integers(len(vocab.TEMPLATES))]
     words = {}
-    for key, kind in (("o", "object"), ("c", "colour"), ("s", "style"), ("b", "background")):
-        options = vocab.CONCEPTS[getattr(scene, _FIELD[kind])].words
+    for kind, key in vocab.FIELD.items():
+        options = vocab.CONCEPTS[getattr(scene, kind)].words
         words[key] = options[rng.integers(len(options))]
     return vocab.fix_articles(template.format(**words))
 
