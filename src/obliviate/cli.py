@@ -100,8 +100,8 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    out = run_demo(Path(args.out), model=args.model)
-    print(f"wrote {out}/index.html")
+    index = run_demo(Path(args.out), model=args.model)
+    print(f"wrote {index}")
 
 
 def _parse_options(pairs: list[str]) -> dict:

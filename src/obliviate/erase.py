@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method
 from .pipeline import DELTA_FILE, load_pipeline
 from .request import Request
+from .resources import PeakMemory
 
 
 @dataclass(frozen=True)
@@ -118,13 +118,14 @@ def erase(
         source = getattr(pipe, "obliviate_source", None)
         plugin = Refresh.from_folder(Path(source) if source and Path(source).is_dir() else None,
                                      **(refresh if isinstance(refresh, dict) else {}))
-    if m.closed_form:
-        stats = m.apply(ctx)
-    else:
-        m.prepare(ctx)
-        stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                      refresh=plugin)
+    with PeakMemory(pipe.device) as memory:
+        if m.closed_form:
+            stats = m.apply(ctx)
+        else:
+            m.prepare(ctx)
+            stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                          resume=resume, refresh=plugin)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False).eval()
     seconds = round(time.time() - start, 2)
@@ -132,7 +133,7 @@ def erase(
         step=len(ledger.entries) + 1, method=method, request=resolved.to_json(),
         settings={**m.settings(), "seed": seed, "processes": accelerator.num_processes,
                   **({"refresh": plugin.settings()} if plugin else {})},
-        seconds=seconds, peak_memory_mb=round(peak_memory_mb(pipe.device), 1),
+        seconds=seconds, peak_memory_mb=round(memory.peak_mb, 1),
         parent_sha256=parent_sha, weights_sha256=weights_sha256(pipe), storage=save,
         bytes_stored=0, out=str(out.resolve()) if out else "",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -142,13 +143,6 @@ def erase(
     if checkpoint_dir and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return EraseResult(entry, ledger.append(entry), stats)
-
-
-def peak_memory_mb(device) -> float:
-    """Peak memory of this run: CUDA's allocator peak on a GPU, the process's peak RSS on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -59,7 +59,8 @@ class TrainConfig:
     vae_steps: int = 700
     vae_batch_size: int = 32
     text_steps: int = 400
-    unet_steps: int = 3600
+    unet_steps: int = 3600  # steps run
+    schedule_steps: int | None = None  # length of the cosine learning-rate schedule (default: unet_steps)
     batch_size: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 200
@@ -322,7 +323,8 @@ class BaseTrainer:
         text, heads = text.to(dev), heads.to(dev)
         params = list(unet.parameters()) + list(text.parameters()) + list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.unet_steps))
+        schedule = cfg.schedule_steps or cfg.unet_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, schedule))
         ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
         ema_text = EMAModel(text.parameters(), decay=cfg.ema_decay)
         noise_sched = build_scheduler()
@@ -339,7 +341,7 @@ class BaseTrainer:
             rng = np.random.default_rng([cfg.seed, step])
             gen = torch.Generator().manual_seed(cfg.seed + step)
             sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, _lr_lambda(cfg.warmup_steps, cfg.unet_steps), last_epoch=step - 1
+                opt, _lr_lambda(cfg.warmup_steps, schedule), last_epoch=step - 1
             )
             self.log(stage="unet", resumed_at=step)
 

@@ -1,0 +1,67 @@
+"""One request on the shipped model: remove an object, measure what it cost.
+
+    python benchmarks/one_request.py --concept star --methods duge,uce,esd [--json out.json]
+
+For each method: seconds of the request (image generation included), UA of the target,
+and the change in judged accuracy of the other objects, of colours and of styles against
+the shipped model, all from `obliviate eval`'s full prompt set (4 images per object x
+colour x style prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from obliviate import evaluate, load_pipeline
+from obliviate.erase import erase
+from obliviate.request import Request
+from obliviate.shapes import vocab
+
+
+def summarise(metrics: dict, base: dict, target: str) -> dict:
+    """UA of the target; accuracy drops of the other concepts, per kind and worst single."""
+    kind = vocab.concept(target).kind
+    pc, bc = metrics["per_concept"], base["per_concept"]
+    out = {"ua": 1 - pc[target]["accuracy"]}
+    for k in ("object", "colour", "style"):
+        names = [c for c in pc if pc[c]["kind"] == k and c != target]
+        out[f"{k}_drop"] = float(np.mean([bc[c]["accuracy"] for c in names]) - np.mean([pc[c]["accuracy"] for c in names]))
+        out[f"{k}_worst_drop"] = float(max(bc[c]["accuracy"] - pc[c]["accuracy"] for c in names))
+    out["kind"] = kind
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concept", default="star")
+    parser.add_argument("--methods", default="duge,uce,esd")
+    parser.add_argument("--images-per-combo", type=int, default=4)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="obliviate-one-"))
+    base = evaluate(load_pipeline("shapes"), images_per_combo=args.images_per_combo, progress=False)
+    print(f"shipped model: accuracy {base['accuracy']}")
+    rows = []
+    for method in args.methods.split(","):
+        pipe = load_pipeline("shapes")
+        result = erase(pipe, Request((args.concept,)), method=method, out=work / method, progress=False)
+        metrics = evaluate(pipe, images_per_combo=args.images_per_combo, progress=False)
+        row = {"method": method, "seconds": result.entry.seconds, **summarise(metrics, base, args.concept),
+               "accuracy": metrics["accuracy"], "fid": metrics["fid"], "base_fid": base["fid"]}
+        rows.append(row)
+        print(f"{method:<10} {row['seconds']:6.1f} s  UA {row['ua']:.3f}  drop: objects {row['object_drop']:+.3f} "
+              f"(worst {row['object_worst_drop']:+.3f})  colours {row['colour_drop']:+.3f}  "
+              f"styles {row['style_drop']:+.3f}  fid {row['fid']:.2f} (base {base['fid']:.2f})", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base": base, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
