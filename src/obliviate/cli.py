@@ -90,7 +90,13 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
         raise ObliviateError(f"{work} exists from an earlier run; pass --resume to continue it or remove it")
     if out.exists() and not args.overwrite:
         raise ObliviateError(f"{out} exists; choose another --out or pass --overwrite")
-    config = TrainConfig(seed=args.seed, device=args.device, time_budget_minutes=args.time_budget)
+    init = None
+    if args.init_from:
+        from .pipeline import resolve_model
+
+        init = str(resolve_model(args.init_from))
+    config = TrainConfig(seed=args.seed, device=args.device, time_budget_minutes=args.time_budget,
+                         init_from=init)
     if args.unet_steps:
         config.unet_steps = args.unet_steps
     BaseTrainer(out, work, config).run()
@@ -294,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
     t.add_argument("--time-budget", type=float, help="stop UNet training after this many minutes")
+    t.add_argument("--init-from", help="continue from a shapes model (e.g. `shapes`) instead of from scratch")
     t.set_defaults(func=_cmd_train_base)
 
     r = sub.add_parser("erase", help="remove concepts from a model; continues its lineage")

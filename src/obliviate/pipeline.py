@@ -102,7 +102,7 @@ def load_pipeline(
     if isinstance(source, Path) and (source / DELTA_FILE).exists():
         return _load_delta(source, device, dtype, online)
     online = online if online is not None else os.environ.get("OBLIVIATE_ONLINE") == "1"
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if isinstance(source, Path) and source.is_file():
             pipe = StableDiffusionPipeline.from_single_file(str(source), **kwargs)

@@ -70,6 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     probe_every: int = 500  # 0: no probe generations
     time_budget_minutes: float | None = None
+    init_from: str | None = None  # a shapes model folder to continue from (its VAE, judge, weights)
 
 
 def build_vae() -> AutoencoderKL:
@@ -204,6 +205,8 @@ class BaseTrainer:
     # -- stage 1: judge ---------------------------------------------------------------------
     def train_judge(self) -> Judge:
         folder = self.work / "judge"
+        if not (folder / "judge.json").exists() and self.cfg.init_from:
+            Judge.load(Path(self.cfg.init_from) / "judge").save(folder)
         if (folder / "judge.json").exists():
             return Judge.load(folder)
         torch.manual_seed(self.cfg.seed)
@@ -232,6 +235,8 @@ class BaseTrainer:
     # -- stage 2: VAE -----------------------------------------------------------------------
     def train_vae(self, judge: Judge) -> AutoencoderKL:
         folder = self.work / "vae"
+        if not (folder / "config.json").exists() and self.cfg.init_from:
+            AutoencoderKL.from_pretrained(Path(self.cfg.init_from) / "vae").save_pretrained(folder)
         if (folder / "config.json").exists():
             return AutoencoderKL.from_pretrained(folder)
         torch.manual_seed(self.cfg.seed)
@@ -297,6 +302,9 @@ class BaseTrainer:
         torch.manual_seed(self.cfg.seed)
         rng = np.random.default_rng(self.cfg.seed)
         params = list(text.parameters()) + list(heads.parameters())
+        if self.cfg.init_from:  # keep the trained encoder; fit only the auxiliary heads
+            text = CLIPTextModel.from_pretrained(Path(self.cfg.init_from) / "text_encoder")
+            params = list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=2e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, self.cfg.text_steps))
         for step in (bar := tqdm(range(self.cfg.text_steps), desc="text")):
@@ -317,9 +325,10 @@ class BaseTrainer:
     def train_unet(self, vae, text, heads, judge, latents) -> tuple[UNet2DConditionModel, CLIPTextModel]:
         cfg, dev, tok = self.cfg, self.device, self.tokenizer
         mean, std = latents
-        _, scenes = self.data()
+        scenes, _ = world.dataset_scenes(cfg.images, seed=cfg.seed)
         scaling = vae.config.scaling_factor
-        unet = build_unet(text.config.hidden_size).to(dev)
+        unet = (UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet") if cfg.init_from
+                else build_unet(text.config.hidden_size)).to(dev)
         text, heads = text.to(dev), heads.to(dev)
         params = list(unet.parameters()) + list(text.parameters()) + list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)

@@ -141,8 +141,8 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(*pick)
 
 
-def dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
-    """`n` rendered images (uint8, N x H x W x 3) and their scenes, balanced over combos.
+def dataset_scenes(n: int, seed: int) -> tuple[list[Scene], np.ndarray]:
+    """The scenes and pose seeds of `dataset(n, seed)`, without rendering anything.
 
     Scenes cycle through every combination in a seeded random order, so every combination
     appears n // 432 or n // 432 + 1 times; each image has its own pose seed.
@@ -153,7 +153,11 @@ def dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list
     while len(scenes) < n:
         order = rng.permutation(len(combos))
         scenes.extend(combos[i] for i in order)
-    scenes = scenes[:n]
-    pose_seeds = rng.integers(0, 2**31 - 1, size=n)
+    return scenes[:n], rng.integers(0, 2**31 - 1, size=n)
+
+
+def dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
+    """`n` rendered images (uint8, N x H x W x 3) and their scenes, balanced over combos."""
+    scenes, pose_seeds = dataset_scenes(n, seed)
     images = np.stack([render(s, int(p), size) for s, p in zip(scenes, pose_seeds)])
     return images, scenes

@@ -1,0 +1,38 @@
+"""Behaviour on the shipped model: the removed concept is gone, the rest is kept."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from obliviate.erase import erase
+from obliviate.evaluate.attacks import concept_accuracy, naming_prompts
+from obliviate.request import Request
+from obliviate.shapes import vocab
+
+OBJECTS = [c.name for c in vocab.OBJECTS]
+
+
+def object_accuracies(pipe, judge, n: int = 16) -> dict[str, float]:
+    return {o: concept_accuracy(pipe, judge, o, naming_prompts(o, n, seed=11), seed=3) for o in OBJECTS}
+
+
+@pytest.fixture(scope="module")
+def base_accuracy(shapes_pipe, shapes_judge):
+    return object_accuracies(shapes_pipe, shapes_judge)
+
+
+@pytest.mark.parametrize("method", ["uce", "duge"])
+def test_star_is_gone_and_the_other_objects_stay(method, shapes_pipe, shapes_judge, base_accuracy,
+                                                  tmp_path, monkeypatch):
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    pipe = copy.deepcopy(shapes_pipe)
+    erase(pipe, Request(("star",)), method=method, progress=False)
+    after = object_accuracies(pipe, shapes_judge)
+    others = [o for o in OBJECTS if o != "star"]
+    drop = np.mean([base_accuracy[o] for o in others]) - np.mean([after[o] for o in others])
+    assert base_accuracy["star"] >= 0.75, base_accuracy
+    assert after["star"] <= 0.1, after
+    assert drop <= 0.1, (base_accuracy, after)
