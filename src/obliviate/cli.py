@@ -99,6 +99,8 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
                          init_from=init)
     if args.unet_steps:
         config.unet_steps = args.unet_steps
+    if args.schedule_steps:
+        config.schedule_steps = args.schedule_steps
     BaseTrainer(out, work, config).run()
     print(f"wrote {out}")
 
@@ -299,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
+    t.add_argument("--schedule-steps", type=int,
+                   help="length of the cosine learning-rate schedule (default: --unet-steps); a longer "
+                        "schedule on --resume continues a finished run at a higher rate")
     t.add_argument("--time-budget", type=float, help="stop UNet training after this many minutes")
     t.add_argument("--init-from", help="continue from a shapes model (e.g. `shapes`) instead of from scratch")
     t.set_defaults(func=_cmd_train_base)

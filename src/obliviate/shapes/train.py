@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     images: int = 432 * 24
-    judge_steps: int = 800
+    judge_steps: int = 1200
     judge_batch_size: int = 128
     judge_holdout: int = 2000
     vae_steps: int = 700
