@@ -1,6 +1,6 @@
 """One request on the shipped model: remove an object, measure what it cost.
 
-    python benchmarks/one_request.py --concept star --methods duge,uce,esd [--json out.json]
+    python benchmarks/one_request.py --concept star --methods duge,uce,esd [--json out.json] [--work DIR]
 
 For each method: seconds of the request (image generation included), UA of the target,
 and the change in judged accuracy of the other objects, of colours and of styles against
@@ -43,8 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="duge,uce,esd")
     parser.add_argument("--images-per-combo", type=int, default=4)
     parser.add_argument("--json")
+    parser.add_argument("--work", help="keep the erased models here (default: a temporary folder)")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="obliviate-one-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="obliviate-one-"))
     base = evaluate(load_pipeline("shapes"), images_per_combo=args.images_per_combo, progress=False)
     print(f"shipped model: accuracy {base['accuracy']}")
     rows = []
