@@ -234,3 +234,17 @@ def test_guard_mask_is_learned_and_honoured_by_finetune(shapes_base, tmp_path):
     before, after = load_pipeline(tmp_path / "g").unet.state_dict(), load_pipeline(tmp_path / "f").unet.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in mask.frozen)
     assert any(not torch.equal(before[n], after[n]) for n in before if n not in mask.frozen)
+
+
+def test_erasing_the_same_pipeline_object_twice_continues_its_lineage(shapes_base, tmp_path):
+    """The Python API (and the benchmark) erase request after request on one object: the
+    second request must see the first (its anchor avoids it, its ledger lists both)."""
+    pipe = load_pipeline(shapes_base)
+    first = erase(pipe, Request(("solid",)), method="uce", out=tmp_path / "1")
+    second = erase(pipe, Request(("striped",)), method="uce", out=tmp_path / "2")
+    assert [e.step for e in second.ledger.entries] == [1, 2]
+    assert set(second.ledger.removed()) == {"solid", "striped"}
+    request = second.entry.request
+    assert request["anchors"] != ["solid"] and "solid" not in request["preserve"]
+    assert json.loads((tmp_path / "2" / "ledger.json").read_text())["entries"][0]["weights_sha256"] \
+        == first.entry.weights_sha256

@@ -47,9 +47,14 @@ class EraseResult:
 
 
 def lineage_of(pipe, new_lineage: bool = False) -> Ledger:
-    """The ledger of the model `pipe` was loaded from, verified, or a new one rooted at it."""
+    """The ledger `pipe` carries from an earlier `erase()` in this process, else the ledger of
+    the folder it was loaded from, verified, else a new one rooted at it."""
     source = getattr(pipe, "obliviate_source", None)
     info = getattr(pipe, "obliviate_info", {})
+    held = getattr(pipe, "obliviate_ledger", None)
+    if held is not None and not new_lineage:
+        held.verify(pipe, source or "the pipeline in memory")
+        return held
     folder = Path(source) if source and Path(source).is_dir() else None
     ledger = Ledger.load(folder) if folder and not new_lineage else None
     if ledger is not None:
@@ -142,7 +147,11 @@ def erase(
         entry = save_model(pipe, out, ledger, entry, overwrite=overwrite, refresh=plugin)
     if checkpoint_dir and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return EraseResult(entry, ledger.append(entry), stats)
+    ledger = ledger.append(entry)
+    pipe.obliviate_ledger = ledger  # the next erase() on this object continues the lineage
+    if out:
+        pipe.obliviate_source = str(out)
+    return EraseResult(entry, ledger, stats)
 
 
 def _folder_bytes(folder: Path) -> int:
