@@ -1,11 +1,13 @@
-"""One request on the shipped model: remove an object, measure what it cost.
+"""One request (or a short chain) on the shipped model: remove a concept, measure the cost.
 
     python benchmarks/one_request.py --concept star --methods duge,uce,esd [--json out.json] [--work DIR]
+    python benchmarks/one_request.py --concept star,striped --methods rgd,doco,fewshot-te
 
-For each method: seconds of the request (image generation included), UA of the target,
-and the change in judged accuracy of the other objects, of colours and of styles against
-the shipped model, all from `obliviate eval`'s full prompt set (4 images per object x
-colour x style prompt).
+For each method and each request (a comma-separated `--concept` is a chain: request k
+starts from the model after request k-1): seconds of the request (image generation
+included), UA of the target and of the earlier targets, and the change in judged accuracy
+of the other objects, of colours and of styles against the shipped model, all from
+`obliviate eval`'s prompt set (`--images-per-combo` images per object x colour x style).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from obliviate.request import Request
 from obliviate.shapes import vocab
 
 
-def summarise(metrics: dict, base: dict, target: str) -> dict:
-    """UA of the target; accuracy drops of the other concepts, per kind and worst single."""
+def summarise(metrics: dict, base: dict, target: str, removed: tuple[str, ...] = ()) -> dict:
+    """UA of the target (and of earlier targets `removed`); accuracy drops of the concepts
+    never removed, per kind and worst single."""
     kind = vocab.concept(target).kind
     pc, bc = metrics["per_concept"], base["per_concept"]
-    out = {"ua": 1 - pc[target]["accuracy"]}
+    gone = {target, *removed}
+    out = {"ua": 1 - pc[target]["accuracy"], "ua_earlier": {c: 1 - pc[c]["accuracy"] for c in removed}}
     for k in ("object", "colour", "style"):
-        names = [c for c in pc if pc[c]["kind"] == k and c != target]
+        names = [c for c in pc if pc[c]["kind"] == k and c not in gone]
         out[f"{k}_drop"] = float(np.mean([bc[c]["accuracy"] for c in names]) - np.mean([pc[c]["accuracy"] for c in names]))
         out[f"{k}_worst_drop"] = float(max(bc[c]["accuracy"] - pc[c]["accuracy"] for c in names))
     out["kind"] = kind
@@ -49,16 +53,22 @@ def main(argv=None) -> int:
     base = evaluate(load_pipeline("shapes"), images_per_combo=args.images_per_combo, progress=False)
     print(f"shipped model: accuracy {base['accuracy']}")
     rows = []
+    chain = args.concept.split(",")
     for method in args.methods.split(","):
         pipe = load_pipeline("shapes")
-        result = erase(pipe, Request((args.concept,)), method=method, out=work / method, progress=False)
-        metrics = evaluate(pipe, images_per_combo=args.images_per_combo, progress=False)
-        row = {"method": method, "seconds": result.entry.seconds, **summarise(metrics, base, args.concept),
-               "accuracy": metrics["accuracy"], "fid": metrics["fid"], "base_fid": base["fid"]}
-        rows.append(row)
-        print(f"{method:<10} {row['seconds']:6.1f} s  UA {row['ua']:.3f}  drop: objects {row['object_drop']:+.3f} "
-              f"(worst {row['object_worst_drop']:+.3f})  colours {row['colour_drop']:+.3f}  "
-              f"styles {row['style_drop']:+.3f}  fid {row['fid']:.2f} (base {base['fid']:.2f})", flush=True)
+        for step, concept in enumerate(chain, 1):
+            out = work / method if len(chain) == 1 else work / method / f"{step}-{concept}"
+            result = erase(pipe, Request((concept,)), method=method, out=out, progress=False)
+            metrics = evaluate(pipe, images_per_combo=args.images_per_combo, progress=False)
+            row = {"method": method, "step": step, "concept": concept, "seconds": result.entry.seconds,
+                   **summarise(metrics, base, concept, tuple(chain[:step - 1])),
+                   "accuracy": metrics["accuracy"], "fid": metrics["fid"], "base_fid": base["fid"]}
+            rows.append(row)
+            earlier = "".join(f" (UA {c} {u:.3f})" for c, u in row["ua_earlier"].items())
+            print(f"{method:<10} {step} {concept:<8} {row['seconds']:6.1f} s  UA {row['ua']:.3f}{earlier}  "
+                  f"drop: objects {row['object_drop']:+.3f} (worst {row['object_worst_drop']:+.3f})  "
+                  f"colours {row['colour_drop']:+.3f}  styles {row['style_drop']:+.3f}  "
+                  f"fid {row['fid']:.2f} (base {base['fid']:.2f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"base": base, "rows": rows}, indent=1))
     return 0
