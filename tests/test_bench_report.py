@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -18,14 +19,18 @@ from sd_tiny import save_tiny_sd
 def bench_result(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     base = save_tiny_sd(root / "base", world="shapes")
-    return run_bench(["uce", "duge"], ["star", "striped"], model=str(base), images_per_combo=1,
+    return run_bench(["uce", "duge+refresh"], ["star", "striped"], model=str(base), images_per_combo=1,
                      attacks=["paraphrase", "softprompt", "resurgence"], work=root / "work",
                      options={"duge": {"steps": 2}}, grid_images=4, progress=False)
 
 
 def test_bench_measures_every_step_and_attack(bench_result):
     rows = bench_result["rows"]
-    assert [(r["method"], r["step"]) for r in rows] == [("uce", 1), ("uce", 2), ("duge", 1), ("duge", 2)]
+    assert [(r["method"], r["step"]) for r in rows] == [("uce", 1), ("uce", 2), ("duge+refresh", 1),
+                                                        ("duge+refresh", 2)]
+    # the refresh plug-in ran and handed its Fisher estimate to the next request
+    assert (Path(rows[2]["model"]) / "refresh_fisher.safetensors").exists()
+    assert "refresh" in json.loads((Path(rows[3]["model"]) / "ledger.json").read_text())["entries"][-1]["settings"]
     assert set(rows[1]["ua"]) == {"star", "striped"} and set(rows[0]["ua"]) == {"star"}
     for r in rows:
         assert 0 <= r["ira"] <= 1 and 0 <= r["cra"] <= 1 and r["seconds"] > 0 and r["bytes_stored"] > 0

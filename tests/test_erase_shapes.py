@@ -24,7 +24,7 @@ def base_accuracy(shapes_pipe, shapes_judge):
     return object_accuracies(shapes_pipe, shapes_judge)
 
 
-@pytest.mark.parametrize("method", ["uce", "duge"])
+@pytest.mark.parametrize("method", ["uce", "duge", "fewshot-te", "doco"])
 def test_star_is_gone_and_the_other_objects_stay(method, shapes_pipe, shapes_judge, base_accuracy,
                                                   tmp_path, monkeypatch):
     monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))

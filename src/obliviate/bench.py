@@ -1,5 +1,8 @@
 """`obliviate bench`: the UnlearnCanvas-style sequential protocol, several methods side by side.
 
+A method name may carry the refresh plug-in: `duge+refresh` is DUGE wrapped in refresh
+learning (engine.refresh), so `--methods duge,duge+refresh` measures what refresh changes.
+
 For each method, starting from the same model, requests T1..Tn are applied one after
 another. After each request: UA of every target removed so far, in-domain retained
 accuracy (other concepts of the kinds removed so far), cross-domain retained accuracy (the
@@ -40,7 +43,8 @@ def _retained(metrics: dict, base: dict, removed: list[str], sequence: list[str]
 
 def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", images_per_combo: int = 2,
               attacks: list[str] = (), work: Path | None = None, save: str = "delta",
-              options: dict | None = None, grid_images: int = 8, progress: bool = True) -> dict:
+              options: dict | None = None, grid_images: int = 8, progress: bool = True,
+              attack_targets: str = "all") -> dict:
     """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids)."""
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
@@ -54,17 +58,24 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             out[f"related:{concept}"] = generate_images(pipe, naming_prompts(related[concept], grid_images, 7), seed=7)
         return out
 
+    attacked = _attack_targets(attack_targets, list(sequence))
     grids = {"before": {k: v for c in sequence for k, v in grid(base_pipe, c).items()}}
     rows, attack_results = [], {}
-    bar = tqdm(total=len(methods) * len(sequence), desc="bench", disable=not progress)
+    bar = tqdm(total=len(methods) * (len(sequence) + bool(attacks)), desc="bench", disable=not progress)
     for method in methods:
         pipe = load_pipeline(model)
         grids[method] = {}
         for step, concept in enumerate(sequence, 1):
             bar.set_postfix(method=method, request=concept)
             out = work / method / f"{step}-{concept}"
-            result = erase(pipe, Request((concept,)), method=method, out=out, save=save,
-                           options=(options or {}).get(method), progress=False)
+            name, _, plugin = method.partition("+")
+            if plugin not in ("", "refresh"):
+                from .errors import ObliviateError
+
+                raise ObliviateError(f"bench method {method!r}: the only plug-in is +refresh (e.g. duge+refresh)")
+            result = erase(pipe, Request((concept,)), method=name, out=out, save=save,
+                           options=(options or {}).get(method, (options or {}).get(name)),
+                           refresh=plugin == "refresh", progress=False)
             metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge)
             removed = list(sequence[:step])
             rows.append({
@@ -80,18 +91,60 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             if progress:
                 tqdm.write(format_row(rows[-1], list(sequence)))
         if attacks:
-            attack_results[method] = run_attacks(pipe, judge, list(sequence), list(attacks))
+            bar.set_postfix(method=method, request="attacks")
+            attack_results[method] = run_attacks(pipe, judge, attacked, list(attacks), removed=list(sequence))
+            bar.update(1)
+            if progress:
+                tqdm.write("\n".join(_attack_lines(method, attack_results[method])))
     bar.close()
     return {"model": model, "sequence": list(sequence), "methods": list(methods), "related": related,
-            "images_per_combo": images_per_combo, "base": base, "rows": rows,
+            "images_per_combo": images_per_combo, "attack_targets": attacked, "base": base, "rows": rows,
             "attacks": attack_results, "grids": grids}
+
+
+def _attack_targets(spec: str, sequence: list[str]) -> list[str]:
+    """The removed concepts to attack: "all", "first", or a comma list of sequence members."""
+    from .errors import ObliviateError
+
+    if spec == "all":
+        return list(sequence)
+    if spec == "first":
+        return sequence[:1]
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    outside = [c for c in names if c not in sequence]
+    if outside or not names:
+        raise ObliviateError(f"--attack-targets {spec!r}: give all, first, or concepts of the sequence "
+                             f"({', '.join(sequence)})")
+    return names
+
+
+def _attack_lines(method: str, per_concept: dict) -> list[str]:
+    lines = []
+    for concept, r in per_concept.items():
+        parts = []
+        if "paraphrase" in r:
+            parts.append(f"paraphrase UA {r['paraphrase']['ua']:.2f}")
+        if "softprompt" in r:
+            parts.append(f"soft-prompt UA {r['softprompt']['ua']:.2f} ({r['softprompt']['steps']} steps, "
+                         f"{r['softprompt']['tokens']} tokens)")
+        if "resurgence" in r:
+            parts.append(f"resurgence acc {r['resurgence']['accuracy_before']:.2f} -> "
+                         f"{r['resurgence']['accuracy_after']:.2f}")
+        lines.append(f"attack {method:<10} {concept:<9} " + "; ".join(parts))
+    return lines
+
+
+def _num(x: float) -> str:
+    """Three decimals, or "  -  " where there is nothing to average (e.g. no cross-domain
+    concept left once every kind has had a removal)."""
+    return "  -  " if x != x else f"{x:.3f}"
 
 
 def format_row(row: dict, sequence: list[str]) -> str:
     """One table line: UA per target so far, retained accuracies, cost."""
     ua = " ".join(f"{row['ua'][c]:5.2f}" if c in row["ua"] else "    -" for c in sequence)
     return (f"{row['method']:<10} {row['step']:>2} {row['removed']:<9} | {ua} | "
-            f"ira {row['ira']:.3f} cra {row['cra']:.3f} kept {row['retained_ratio']:.2f} | "
+            f"ira {_num(row['ira'])} cra {_num(row['cra'])} kept {row['retained_ratio']:.2f} | "
             f"fid {row['fid']:6.2f} | {row['seconds']:6.1f} s {row['peak_memory_mb']:6.0f} MB "
             f"{row['bytes_stored'] / 1e6:6.2f} MB")
 
@@ -103,17 +156,7 @@ def table(result: dict) -> str:
             + " | in-domain, cross-domain, never-removed/base | Fréchet | cost")
     lines = [head] + [format_row(r, seq) for r in result["rows"]]
     for method, per_concept in result.get("attacks", {}).items():
-        for concept, r in per_concept.items():
-            parts = []
-            if "paraphrase" in r:
-                parts.append(f"paraphrase UA {r['paraphrase']['ua']:.2f}")
-            if "softprompt" in r:
-                parts.append(f"soft-prompt UA {r['softprompt']['ua']:.2f} ({r['softprompt']['steps']} steps, "
-                             f"{r['softprompt']['tokens']} tokens)")
-            if "resurgence" in r:
-                parts.append(f"resurgence acc {r['resurgence']['accuracy_before']:.2f} -> "
-                             f"{r['resurgence']['accuracy_after']:.2f}")
-            lines.append(f"attack {method:<10} {concept:<9} " + "; ".join(parts))
+        lines += _attack_lines(method, per_concept)
     return "\n".join(lines)
 
 

@@ -249,7 +249,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     result = run_bench(args.methods.split(","), args.sequence.split(","), model=args.model,
                        images_per_combo=args.images_per_combo,
                        attacks=args.attacks.split(",") if args.attacks else [],
-                       work=Path(args.work) if args.work else None, options=options)
+                       work=Path(args.work) if args.work else None, options=options,
+                       attack_targets=args.attack_targets)
     print(table(result))
     if args.json:
         out = Path(args.json)
@@ -382,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sequence", default="star,striped,square,red,triangle,dotted")
     b.add_argument("--images-per-combo", type=int, default=2)
     b.add_argument("--attacks", default="", help="comma list of paraphrase,softprompt,resurgence")
+    b.add_argument("--attack-targets", default="all",
+                   help="removed concepts to attack: all, first, or a comma list (default: all)")
     b.add_argument("--set", action="append", metavar="METHOD:KEY=VALUE")
     b.add_argument("--json")
     b.add_argument("--report", help="folder for index.html and figures")

@@ -70,11 +70,14 @@ def prompt_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def denoising_loss(unet, scheduler, x0: torch.Tensor, context: torch.Tensor,
-                   generator: torch.Generator, params: dict | None = None) -> torch.Tensor:
-    """‖ε − ε_θ(x_t, c, t)‖² with ε and t drawn from `generator`; with `params`, the UNet is
-    called with those tensors in place of its own (torch.func.functional_call)."""
+                   generator: torch.Generator, params: dict | None = None,
+                   t_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """‖ε − ε_θ(x_t, c, t)‖² with ε and t (uniform in `t_range`, default all) drawn from
+    `generator`; with `params`, the UNet is called with those tensors in place of its own
+    (torch.func.functional_call)."""
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+    lo, hi = t_range or (0, scheduler.config.num_train_timesteps)
+    t = torch.randint(lo, hi, (len(x0),), generator=generator).to(x0.device)
     args = (scheduler.add_noise(x0, noise, t), t, context)
     out = torch.func.functional_call(unet, params, args) if params is not None else unet(*args)
     return (out.sample - noise).pow(2).mean()

@@ -3,9 +3,11 @@
 - `paraphrase`: prompts naming the concept through synonyms and templates that erasure
   never trained on; reports UA under paraphrase.
 - `softprompt`: a textual-inversion attack against the edited model: `tokens` learnable
-  input embeddings, optimised for `steps` on rendered images of the concept (the other
-  attributes named in plain words), then used in place of the concept's word; reports UA
-  under attack and the budget.
+  input embeddings, started at the concept word's own embedding (the attacker knows the
+  word; "a" for a blind start), optimised for `steps` on rendered images of the concept (the
+  other attributes named in plain words; timesteps in [t_low, t_high), where the prompt
+  decides the image), then used in place of the concept's word; reports UA under attack
+  and the budget.
 - `resurgence`: fine-tune the edited model for a fixed budget on images of unrelated concepts
   only; reports the concept's accuracy before and after ("concept resurgence").
 Accuracy of a concept is always the judge's: the share of images whose judged concept of
@@ -89,11 +91,14 @@ def _soft_tokens(text_encoder, token_ids: list[int], vectors: torch.Tensor):
 class SoftPromptAttack:
     """Textual inversion against an edited model (budget: `steps` x `batch_size`, `tokens`)."""
 
-    steps: int = 150
+    steps: int = 300
     tokens: int = 2
-    lr: float = 0.02
-    batch_size: int = 8
+    lr: float = 0.1
+    batch_size: int = 16
     images: int = 32
+    t_low: int = 100
+    t_high: int = 900
+    init: str = "concept"
     seed: int = 0
 
     def run(self, pipe, judge, concept: str, n_eval: int = 48) -> dict:
@@ -118,7 +123,9 @@ class SoftPromptAttack:
                 vocab.EVAL_TEMPLATE.format(o=fields["object"], c=fields["colour"], s=fields["style"])))
         latents = encode_images(pipe, pictures)
         embedding = text.get_input_embeddings().weight
-        init = embedding[tok("a", add_special_tokens=False).input_ids[0]].detach()
+        word = c.name if self.init == "concept" else self.init
+        init_ids = tok(word, add_special_tokens=False).input_ids or tok("a", add_special_tokens=False).input_ids
+        init = embedding[init_ids].detach().mean(0)
         vectors = init.repeat(self.tokens, 1).clone().requires_grad_(True)
         opt = torch.optim.Adam([vectors], lr=self.lr)
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -130,7 +137,8 @@ class SoftPromptAttack:
         with _soft_tokens(text, token_ids, vectors):
             for _ in range(self.steps):
                 idx = torch.randint(0, len(latents), (self.batch_size,), generator=gen)
-                loss = denoising_loss(pipe.unet, sched, latents[idx].to(pipe.device), text(ids[idx])[0], gen)
+                loss = denoising_loss(pipe.unet, sched, latents[idx].to(pipe.device), text(ids[idx])[0], gen,
+                                      t_range=(self.t_low, self.t_high))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -168,15 +176,19 @@ def resurgence_attack(pipe, judge, concept: str, removed: list[str], steps: int 
 ATTACKS = ("paraphrase", "softprompt", "resurgence")
 
 
-def run_attacks(pipe, judge, removed: list[str], attacks: list[str], seed: int = 0) -> dict:
-    """Every requested attack on every removed concept: `{concept: {attack: result}}`."""
+def run_attacks(pipe, judge, targets: list[str], attacks: list[str], seed: int = 0,
+                removed: list[str] | None = None) -> dict:
+    """Every requested attack on every concept of `targets`: `{concept: {attack: result}}`.
+    `removed` (default: `targets`) is every concept the lineage removed; resurgence
+    fine-tunes only on concepts outside it."""
     from ..errors import ObliviateError
 
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ObliviateError(f"unknown attack {sorted(unknown)[0]!r}; choose from {', '.join(ATTACKS)}")
+    removed = list(targets) if removed is None else list(removed)
     results = {}
-    for concept in removed:
+    for concept in targets:
         r = {}
         if "paraphrase" in attacks:
             r["paraphrase"] = paraphrase_attack(pipe, judge, concept, seed=seed)

@@ -9,6 +9,18 @@ Trains the MLPs (fc1, fc2) of every text-encoder layer. For the shapes world the
 images are rendered; for a real model, `images=DIR` names a folder of them.
 Choice: timesteps are drawn from the middle of the schedule (t in [200, 800)), where the
 prompt decides the most about the image; near t=0 the loss says nothing about the concept.
+Choice (the source has no preservation term): the MLPs are shared by every token, so pure
+ascent also moved colours and styles (measured on the shapes model: star UA 0.06 while
+colour accuracy dropped 0.24). A keep term holds the text encoder's output on prompts that
+name no removed concept (the lineage's memory prompts and the request's related concepts)
+at φ's, normalised by its size:
+    L = −‖ε − ε_θ(x_t, τ_θ(p_tgt), t)‖² + λ_keep·‖τ_θ(p_keep) − τ_φ(p_keep)‖² / ‖τ_φ(p_keep)‖².
+It costs one text-encoder pass (no UNet). `lambda_keep=0` is the source's method.
+Measured removing "star" (144 judged images): 60 steps with λ_keep 1 -> UA 0.92, colours
+−0.10; λ_keep 10 held everything, star included (UA 0.08); 80 steps with λ_keep 3 (the
+defaults) -> UA 1.00, other objects unchanged, 8 s. The colour loss left (−0.10) is on
+prompts naming the target: ascent takes the whole prompt's meaning with it, so "a red star"
+no longer comes out red either.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from .base import Method, register
 class FewShotTextEncoder(Method):
     name: ClassVar[str] = "fewshot-te"
     param_group: str = "text-mlp"
-    steps: int = 10
+    steps: int = 80
     lr: float = 1e-3
     batch_size: int = 4
     shots: int = 4
@@ -36,6 +48,8 @@ class FewShotTextEncoder(Method):
     prompts_per_target: int = 16
     t_low: int = 200
     t_high: int = 800
+    lambda_keep: float = 3.0
+    keep_prompts: int = 48
     max_grad_norm: float | None = 1.0
     _data: dict = field(default_factory=dict, repr=False)
 
@@ -49,6 +63,14 @@ class FewShotTextEncoder(Method):
             latents.append(encode_images(ctx.pipe, pictures))
             prompts.append(ctx.world.prompts_naming(target.name, self.prompts_per_target, rng))
         self._data = {"latents": latents, "prompts": prompts}
+        if self.lambda_keep:
+            removed = {t.name for r in ctx.history for t in r.targets} | set(ctx.request.names)
+            keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng)
+            for c in ctx.request.preserve:
+                keep += ctx.world.prompts_naming(c, max(1, self.keep_prompts // 8), rng, removed)
+            reference = ctx.encode(keep, frozen=True)
+            self._data["keep"] = {"prompts": keep, "reference": reference,
+                                  "scale": float(reference.pow(2).mean()) + 1e-8}
 
     def batch(self, ctx, batch_size, generator):
         k = int(torch.randint(0, len(self._data["latents"]), (1,), generator=generator))
@@ -56,7 +78,17 @@ class FewShotTextEncoder(Method):
         i = torch.randint(0, len(lat), (batch_size,), generator=generator)
         j = torch.randint(0, len(prompts), (batch_size,), generator=generator).tolist()
         sub = {"latents": lat[i], "prompts": [prompts[x] for x in j]}
-        return ctx.draw(sub, generator, t_range=(self.t_low, self.t_high))
+        out = ctx.draw(sub, generator, t_range=(self.t_low, self.t_high))
+        if "keep" in self._data:
+            keep = self._data["keep"]
+            m = torch.randint(0, len(keep["prompts"]), (4 * batch_size,), generator=generator).tolist()
+            out["keep_prompts"] = [keep["prompts"][x] for x in m]
+            out["keep_reference"] = keep["reference"][m]
+        return out
 
     def loss(self, ctx, batch):
-        return {"ascent": -ctx.diffusion_loss(batch)}
+        terms = {"ascent": -ctx.diffusion_loss(batch)}
+        if "keep_prompts" in batch:
+            drift = (ctx.encode(batch["keep_prompts"]) - batch["keep_reference"].to(ctx.device)).pow(2).mean()
+            terms["keep"] = self.lambda_keep * drift / self._data["keep"]["scale"]
+        return terms
