@@ -11,7 +11,7 @@ fine-tuning, while fine-tuning on a legal concept still works?
 3. Relearning attack: fine-tune the same number of steps on images of the removed concept,
    once honouring the mask and once ignoring it; report the concept's judged accuracy.
 4. Legal fine-tuning: the same, on images of `--legal`; report that concept's accuracy.
-Accuracies come from 48 generated images per measurement (plain prompts naming the concept).
+Accuracies come from 96 generated images per measurement (plain prompts naming the concept).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--n-eval", type=int, default=48)
+    parser.add_argument("--n-eval", type=int, default=96)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
