@@ -65,7 +65,7 @@ def test_report_renders_in_headless_chromium(bench_result, tmp_path):
     index = write_report(bench_result, tmp_path / "report", command="obliviate bench ...")
     folder = index.parent
     assert (folder / "ua.png").exists() and (folder / "retained.png").exists()
-    assert list(folder.glob("grid-before-star.png")) and list(folder.glob("grid-duge-related-star.png"))
+    assert list(folder.glob("grid-before-star.png")) and list(folder.glob("grid-duge-refresh-related-star.png"))
     browser = _chromium()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",

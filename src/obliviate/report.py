@@ -128,7 +128,7 @@ def write_report(result: dict, folder: str | Path, command: str = "") -> Path:
                         if images is None:
                             continue
                         data = _png_bytes(image_grid(np.asarray(images), columns=8, scale=2))
-                        name = f"grid-{who}-{key.replace(':', '-')}.png"
+                        name = f"grid-{who.replace('+', '-')}-{key.replace(':', '-')}.png"
                         (tmp / name).write_bytes(data)
                         cells.append(f"<figure><figcaption>{html.escape(who)}</figcaption>{_img(data, who)}</figure>")
                     if cells:
