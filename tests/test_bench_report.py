@@ -38,6 +38,8 @@ def test_bench_measures_every_step_and_attack(bench_result):
     assert attacks["softprompt"]["steps"] > 0 and 0 <= attacks["softprompt"]["ua"] <= 1
     assert 0 <= attacks["paraphrase"]["ua"] <= 1
     assert "accuracy_after" in attacks["resurgence"]
+    # by default each target is attacked on the model right after the request that removed it
+    assert attacks["after_request"] == 1 and bench_result["attacks"]["uce"]["striped"]["after_request"] == 2
     text = table(bench_result)
     assert "soft-prompt UA" in text and "duge" in text
     assert json.loads(to_json(bench_result))["rows"][0]["method"] == "uce"

@@ -7,8 +7,11 @@ For each method, starting from the same model, requests T1..Tn are applied one a
 another. After each request: UA of every target removed so far, in-domain retained
 accuracy (other concepts of the kinds removed so far), cross-domain retained accuracy (the
 other kinds), retained ratio (mean accuracy of never-removed concepts over the base's),
-Fréchet distance, seconds, peak memory, bytes stored. After the last request the attacks
-run on every removed concept. Every number comes from images generated in this run.
+Fréchet distance, seconds, peak memory, bytes stored. The attacks run on the attacked
+targets either right after the request that removed each one (`attack_when="removal"`, the
+default: how robust that erasure is, as single-concept studies measure it) or on the model
+after the last request (`"final"`: whether the lineage still holds it after later edits).
+Every number comes from images generated in this run.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _retained(metrics: dict, base: dict, removed: list[str], sequence: list[str]
 def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", images_per_combo: int = 2,
               attacks: list[str] = (), work: Path | None = None, save: str = "delta",
               options: dict | None = None, grid_images: int = 8, progress: bool = True,
-              attack_targets: str = "all") -> dict:
+              attack_targets: str = "all", attack_when: str = "removal") -> dict:
     """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids)."""
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
@@ -59,9 +62,13 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
         return out
 
     attacked = _attack_targets(attack_targets, list(sequence))
+    if attack_when not in ("removal", "final"):
+        from .errors import ObliviateError
+
+        raise ObliviateError(f"--attack-when {attack_when!r}: choose removal or final")
     grids = {"before": {k: v for c in sequence for k, v in grid(base_pipe, c).items()}}
     rows, attack_results = [], {}
-    bar = tqdm(total=len(methods) * (len(sequence) + bool(attacks)), desc="bench", disable=not progress)
+    bar = tqdm(total=len(methods) * len(sequence), desc="bench", disable=not progress)
     for method in methods:
         pipe = load_pipeline(model)
         grids[method] = {}
@@ -87,18 +94,22 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
                 "bytes_stored": result.entry.bytes_stored, "model": str(out),
             })
             grids[method].update(grid(pipe, concept))
-            bar.update(1)
             if progress:
                 tqdm.write(format_row(rows[-1], list(sequence)))
-        if attacks:
-            bar.set_postfix(method=method, request="attacks")
-            attack_results[method] = run_attacks(pipe, judge, attacked, list(attacks), removed=list(sequence))
+            now = [c for c in attacked if (c == concept if attack_when == "removal" else step == len(sequence))]
+            if attacks and now:
+                bar.set_postfix(method=method, request=f"attacks on {','.join(now)}")
+                found = run_attacks(pipe, judge, now, list(attacks), removed=removed)
+                for c in found:
+                    found[c]["after_request"] = step
+                attack_results.setdefault(method, {}).update(found)
+                if progress:
+                    tqdm.write("\n".join(_attack_lines(method, found)))
             bar.update(1)
-            if progress:
-                tqdm.write("\n".join(_attack_lines(method, attack_results[method])))
     bar.close()
     return {"model": model, "sequence": list(sequence), "methods": list(methods), "related": related,
-            "images_per_combo": images_per_combo, "attack_targets": attacked, "base": base, "rows": rows,
+            "images_per_combo": images_per_combo, "attack_targets": attacked, "attack_when": attack_when,
+            "base": base, "rows": rows,
             "attacks": attack_results, "grids": grids}
 
 
@@ -130,7 +141,8 @@ def _attack_lines(method: str, per_concept: dict) -> list[str]:
         if "resurgence" in r:
             parts.append(f"resurgence acc {r['resurgence']['accuracy_before']:.2f} -> "
                          f"{r['resurgence']['accuracy_after']:.2f}")
-        lines.append(f"attack {method:<10} {concept:<9} " + "; ".join(parts))
+        when = f" (after request {r['after_request']})" if "after_request" in r else ""
+        lines.append(f"attack {method:<10} {concept:<9} " + "; ".join(parts) + when)
     return lines
 
 

@@ -250,7 +250,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                        images_per_combo=args.images_per_combo,
                        attacks=args.attacks.split(",") if args.attacks else [],
                        work=Path(args.work) if args.work else None, options=options,
-                       attack_targets=args.attack_targets)
+                       attack_targets=args.attack_targets, attack_when=args.attack_when)
     print(table(result))
     if args.json:
         out = Path(args.json)
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--attacks", default="", help="comma list of paraphrase,softprompt,resurgence")
     b.add_argument("--attack-targets", default="all",
                    help="removed concepts to attack: all, first, or a comma list (default: all)")
+    b.add_argument("--attack-when", default="removal", choices=("removal", "final"),
+                   help="attack each target right after the request that removed it (removal, default) "
+                        "or on the model after the last request (final)")
     b.add_argument("--set", action="append", metavar="METHOD:KEY=VALUE")
     b.add_argument("--json")
     b.add_argument("--report", help="folder for index.html and figures")

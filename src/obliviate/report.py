@@ -105,15 +105,17 @@ def write_report(result: dict, folder: str | Path, command: str = "") -> Path:
             rows = []
             for method, per_concept in result["attacks"].items():
                 for concept, r in per_concept.items():
-                    rows.append([html.escape(method), html.escape(concept),
+                    rows.append([html.escape(method), html.escape(concept), str(r.get("after_request", "")),
                                  f"{r['paraphrase']['ua']:.2f}" if "paraphrase" in r else "",
                                  f"{r['softprompt']['ua']:.2f}" if "softprompt" in r else "",
                                  (f"{r['resurgence']['accuracy_before']:.2f} → {r['resurgence']['accuracy_after']:.2f}"
                                   if "resurgence" in r else "")])
-            parts.append("<h2>Attacks after the last request</h2><p>UA under paraphrase and under a "
+            parts.append("<h2>Attacks</h2><p>UA under paraphrase and under a "
                          "soft-prompt (textual-inversion) attack; the removed concept's accuracy before → "
-                         "after fine-tuning on unrelated concepts.</p>" + _table(
-                             ["method", "concept", "paraphrase UA", "soft-prompt UA", "resurgence accuracy"], rows))
+                         "after fine-tuning on unrelated concepts; each on the model after the request "
+                         "named.</p>" + _table(
+                             ["method", "concept", "after request", "paraphrase UA", "soft-prompt UA",
+                              "resurgence accuracy"], rows))
         # grids
         grids = result.get("grids", {})
         if grids:
