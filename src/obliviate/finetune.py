@@ -95,9 +95,10 @@ def finetune(pipe, data: Captioned, steps: int = 100, lr: float = 1e-4, batch_si
     pipe.text_encoder.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     params = [p for n, p in unet.named_parameters() if n not in freeze]
-    unet.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    # Every tensor keeps requires_grad and frozen ones are simply left out of the optimiser:
+    # switching it off for part of a layer (e.g. a GroupNorm's weight but not its bias, as
+    # FreezeAsGuard masks do) crashed libtorch 2.13's CPU backward with a segfault.
+    unet.requires_grad_(True)
     if not params:
         raise ObliviateError("every UNet tensor is frozen; nothing to fine-tune")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -114,10 +115,11 @@ def finetune(pipe, data: Captioned, steps: int = 100, lr: float = 1e-4, batch_si
         loss = denoising_loss(unet, scheduler, latents[idx].to(pipe.device), context, generator)
         if not torch.isfinite(loss):
             raise ObliviateError("fine-tuning loss became non-finite; lower --lr")
-        optimizer.zero_grad()
+        unet.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    unet.zero_grad(set_to_none=True)
     unet.eval().requires_grad_(False)
     return {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
             "steps": steps, "trained_tensors": len(params)}
