@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .erase import erase
 from .evaluate.attacks import naming_prompts, run_attacks
+from .errors import ObliviateError
 from .evaluate.evaluation import evaluate_model, load_judge
 from .generate import generate_images
 from .pipeline import load_pipeline
@@ -49,6 +50,13 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
               options: dict | None = None, grid_images: int = 8, progress: bool = True,
               attack_targets: str = "all", attack_when: str = "removal") -> dict:
     """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids)."""
+    # bad arguments fail here, before any model is loaded or image generated
+    attacked = _attack_targets(attack_targets, list(sequence))
+    if attack_when not in ("removal", "final"):
+        raise ObliviateError(f"--attack-when {attack_when!r}: choose removal or final")
+    for method in methods:
+        if method.partition("+")[2] not in ("", "refresh"):
+            raise ObliviateError(f"bench method {method!r}: the only plug-in is +refresh (e.g. duge+refresh)")
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
     judge = load_judge(base_pipe)
@@ -61,11 +69,6 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             out[f"related:{concept}"] = generate_images(pipe, naming_prompts(related[concept], grid_images, 7), seed=7)
         return out
 
-    attacked = _attack_targets(attack_targets, list(sequence))
-    if attack_when not in ("removal", "final"):
-        from .errors import ObliviateError
-
-        raise ObliviateError(f"--attack-when {attack_when!r}: choose removal or final")
     grids = {"before": {k: v for c in sequence for k, v in grid(base_pipe, c).items()}}
     rows, attack_results = [], {}
     bar = tqdm(total=len(methods) * len(sequence), desc="bench", disable=not progress)
@@ -76,10 +79,6 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             bar.set_postfix(method=method, request=concept)
             out = work / method / f"{step}-{concept}"
             name, _, plugin = method.partition("+")
-            if plugin not in ("", "refresh"):
-                from .errors import ObliviateError
-
-                raise ObliviateError(f"bench method {method!r}: the only plug-in is +refresh (e.g. duge+refresh)")
             result = erase(pipe, Request((concept,)), method=name, out=out, save=save,
                            options=(options or {}).get(method, (options or {}).get(name)),
                            refresh=plugin == "refresh", progress=False)
@@ -96,7 +95,10 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             grids[method].update(grid(pipe, concept))
             if progress:
                 tqdm.write(format_row(rows[-1], list(sequence)))
-            now = [c for c in attacked if (c == concept if attack_when == "removal" else step == len(sequence))]
+            if attack_when == "removal":
+                now = [concept] if concept in attacked else []
+            else:
+                now = attacked if step == len(sequence) else []
             if attacks and now:
                 bar.set_postfix(method=method, request=f"attacks on {','.join(now)}")
                 found = run_attacks(pipe, judge, now, list(attacks), removed=removed)
@@ -115,8 +117,6 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
 
 def _attack_targets(spec: str, sequence: list[str]) -> list[str]:
     """The removed concepts to attack: "all", "first", or a comma list of sequence members."""
-    from .errors import ObliviateError
-
     if spec == "all":
         return list(sequence)
     if spec == "first":
