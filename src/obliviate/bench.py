@@ -24,10 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .erase import erase
-from .evaluate.attacks import naming_prompts, run_attacks
+from .evaluate.attacks import run_attacks
 from .errors import ObliviateError
 from .evaluate.evaluation import evaluate_model, load_judge
-from .generate import generate_images
 from .pipeline import load_pipeline
 from .request import Request
 from .shapes import vocab
@@ -60,16 +59,28 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
     judge = load_judge(base_pipe)
-    base = evaluate_model(base_pipe, images_per_combo=images_per_combo, progress=False, judge=judge)
+    base = evaluate_model(base_pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
+                          keep_images=True)
     related = {c: next((r for r in vocab.CONCEPTS[c].related if r not in sequence), None) for c in sequence}
 
-    def grid(pipe, concept):
-        out = {concept: generate_images(pipe, naming_prompts(concept, grid_images, 7), seed=7)}
+    def grid(metrics, concept):
+        """Pictures for the report, taken from the evaluation's own images (no extra
+        generation): `grid_images` of the prompts naming `concept`, spread over the set,
+        and as many naming its related concept."""
+        images, labels = metrics.pop("generated"), metrics.pop("labels")
+
+        def naming(c):
+            idx = [i for i, lab in enumerate(labels) if c in lab.values()]
+            return images[idx[:: max(1, len(idx) // grid_images)][:grid_images]]
+
+        out = {concept: naming(concept)}
         if related[concept]:
-            out[f"related:{concept}"] = generate_images(pipe, naming_prompts(related[concept], grid_images, 7), seed=7)
+            out[f"related:{concept}"] = naming(related[concept])
         return out
 
-    grids = {"before": {k: v for c in sequence for k, v in grid(base_pipe, c).items()}}
+    before = {"generated": base["generated"], "labels": base["labels"]}
+    grids = {"before": {k: v for c in sequence for k, v in grid(dict(before), c).items()}}
+    base.pop("generated"), base.pop("labels")
     rows, attack_results = [], {}
     bar = tqdm(total=len(methods) * len(sequence), desc="bench", disable=not progress)
     for method in methods:
@@ -82,7 +93,9 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             result = erase(pipe, Request((concept,)), method=name, out=out, save=save,
                            options=(options or {}).get(method, (options or {}).get(name)),
                            refresh=plugin == "refresh", progress=False)
-            metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge)
+            metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
+                                     keep_images=True)
+            pictures = grid(metrics, concept)
             removed = list(sequence[:step])
             rows.append({
                 "method": method, "step": step, "removed": concept,
@@ -92,7 +105,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
                 "seconds": result.entry.seconds, "peak_memory_mb": result.entry.peak_memory_mb,
                 "bytes_stored": result.entry.bytes_stored, "model": str(out),
             })
-            grids[method].update(grid(pipe, concept))
+            grids[method].update(pictures)
             if progress:
                 tqdm.write(format_row(rows[-1], list(sequence)))
             if attack_when == "removal":

@@ -72,11 +72,14 @@ def evaluate_model(
     batch_size: int = 64,
     progress: bool = True,
     judge: Judge | None = None,
+    keep_images: bool = False,
 ) -> dict:
     """Generate the evaluation prompt set with `pipe`, judge it, and return the metrics dict.
 
     Keys: `accuracy` (per kind), `per_concept` (kind, accuracy, n), `fid`, `images`,
-    `seconds`, `sampler`, `seed`.
+    `seconds`, `sampler`, `seed`; with `keep_images`, also `generated` (the uint8 images)
+    and `labels` (each image's prompt labels), so callers can show them without generating
+    again.
     """
     judge = judge or load_judge(pipe)
     prompts = shapes_eval_prompts(images_per_combo)
@@ -88,7 +91,9 @@ def evaluate_model(
     with torch.no_grad():
         fake = judge.features(to_tensor(images))
         real = judge.features(to_tensor(reference_images(prompts, seed + 1)))
+    kept = {"generated": images, "labels": labels} if keep_images else {}
     return {
+        **kept,
         "accuracy": accuracy_by_kind(labels, predictions),
         "per_concept": per_concept_accuracy(labels, predictions),
         "fid": frechet_distance(fake, real),
