@@ -197,7 +197,7 @@ def test_two_processes_match_one(base, tmp_path):
         assert torch.allclose(x, y, atol=1e-5), k
 
 
-@pytest.mark.parametrize("method, options", [("rgd", {}), ("doco", {"disc_warmup": 2}),
+@pytest.mark.parametrize("method, options", [("rgd", {"pairs_per_target": 8}), ("doco", {"disc_warmup": 2}),
                                              ("fewshot-te", {})])
 def test_other_methods_run_on_the_engine(shapes_base, tmp_path, method, options):
     pipe = load_pipeline(shapes_base)
