@@ -2,6 +2,7 @@
 
     python benchmarks/one_request.py --concept star --methods duge,uce,esd [--json out.json] [--work DIR]
     python benchmarks/one_request.py --concept star,striped --methods rgd,doco,fewshot-te
+    python benchmarks/one_request.py --concept striped --methods rgd --set style_t_max=300
 
 For each method and each request (a comma-separated `--concept` is a chain: request k
 starts from the model after request k-1): seconds of the request (image generation
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from obliviate import evaluate, load_pipeline
+from obliviate.cli import parse_options
 from obliviate.erase import erase
 from obliviate.request import Request
 from obliviate.shapes import vocab
@@ -48,17 +50,22 @@ def main(argv=None) -> int:
     parser.add_argument("--images-per-combo", type=int, default=4)
     parser.add_argument("--json")
     parser.add_argument("--work", help="keep the erased models here (default: a temporary folder)")
+    parser.add_argument("--model", default="shapes", help="the model to start from (a shapes-world model)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="method option, as in `obliviate erase --set` (repeatable)")
     args = parser.parse_args(argv)
+    options = parse_options(args.set)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="obliviate-one-"))
-    base = evaluate(load_pipeline("shapes"), images_per_combo=args.images_per_combo, progress=False)
+    base = evaluate(load_pipeline(args.model), images_per_combo=args.images_per_combo, progress=False)
     print(f"shipped model: accuracy {base['accuracy']}")
     rows = []
     chain = args.concept.split(",")
     for method in args.methods.split(","):
-        pipe = load_pipeline("shapes")
+        pipe = load_pipeline(args.model)
         for step, concept in enumerate(chain, 1):
             out = work / method if len(chain) == 1 else work / method / f"{step}-{concept}"
-            result = erase(pipe, Request((concept,)), method=method, out=out, progress=False)
+            result = erase(pipe, Request((concept,)), method=method, out=out, progress=False,
+                           options=options)
             metrics = evaluate(pipe, images_per_combo=args.images_per_combo, progress=False)
             row = {"method": method, "step": step, "concept": concept, "seconds": result.entry.seconds,
                    **summarise(metrics, base, concept, tuple(chain[:step - 1])),

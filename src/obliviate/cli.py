@@ -112,7 +112,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"wrote {index}")
 
 
-def _parse_options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str]) -> dict:
     """`--set key=value` pairs to a dict; values parsed as JSON where they parse."""
     options = {}
     for pair in pairs or []:
@@ -136,7 +136,7 @@ def _cmd_erase(args: argparse.Namespace) -> None:
     request = Request(tuple(args.concept or ()), args.anchor, tuple(args.preserve or ()))
     pipe = load_pipeline(args.model, device=args.device)
     result = erase(pipe, request, method=args.method, out=args.out, steps=args.steps, lr=args.lr,
-                   batch_size=args.batch_size, seed=args.seed, options=_parse_options(args.set),
+                   batch_size=args.batch_size, seed=args.seed, options=parse_options(args.set),
                    save=args.save, overwrite=args.overwrite, new_lineage=args.new_lineage,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, refresh=args.refresh)
     e = result.entry
@@ -245,7 +245,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         method, _, rest = pair.partition(":")
         if not rest:
             raise ObliviateError(f"--set {pair!r} must look like method:key=value")
-        options.setdefault(method, {}).update(_parse_options([rest]))
+        options.setdefault(method, {}).update(parse_options([rest]))
     result = run_bench(args.methods.split(","), args.sequence.split(","), model=args.model,
                        images_per_combo=args.images_per_combo,
                        attacks=args.attacks.split(",") if args.attacks else [],

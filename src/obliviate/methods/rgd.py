@@ -58,6 +58,8 @@ class RGD(Method):
     remain_target: str = "data"
     truncate: float | None = 0.5
     paired: bool = True
+    style_t_max: int = 0  # >0: a style's forget samples take t < style_t_max only
+    replay_pairs: int = 0  # forget pairs of each earlier target of the lineage, kept in the ascent
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -67,14 +69,23 @@ class RGD(Method):
         self._forget_start = None
         rng = np.random.default_rng(ctx.seed)
         req = ctx.request
-        removed = {t.name for r in ctx.history for t in r.targets} | set(req.names)
-        forget, remain = [], []
-        for target, anchor in zip(req.targets, req.anchors):
-            others = [c for c in [anchor, *req.preserve] if c and c not in removed] or [anchor]
-            for i in range(self.pairs_per_target):
+        earlier = [t for r in ctx.history for t in r.targets if t.name not in req.names]
+        removed = {t.name for t in earlier} | set(req.names)
+        jobs = [(t, [a, *req.preserve], a, self.pairs_per_target) for t, a in zip(req.targets, req.anchors)]
+        if self.replay_pairs:  # earlier targets stay in the forget set, so ascent keeps them out
+            jobs += [(t, ctx.world.default_preserve(t, removed), None, self.replay_pairs) for t in earlier]
+        forget, remain, t_max = [], [], []
+        for target, keep, anchor, n in jobs:
+            others = [c for c in keep if c and c not in removed] or ([anchor] if anchor else [])
+            if not others:  # an earlier target whose whole kind is removed: nothing to pair it with
+                continue
+            limit = self.style_t_max if target.kind == "style" and self.style_t_max else None
+            for i in range(n):
                 (p_f, p_r), = ctx.world.prompt_pairs(target, others[i % len(others)], 1, rng)
                 forget.append(p_f)
                 remain.append(p_r)
+                t_max.append(limit or ctx.noise_scheduler.config.num_train_timesteps)
+        self._t_max = torch.tensor(t_max)
         self._data = {
             "forget": {"prompts": forget, "latents": ctx.model_latents(forget)},
             "remain": {"prompts": remain, "latents": ctx.base_latents(remain)},
@@ -87,15 +98,23 @@ class RGD(Method):
             idx = torch.randint(0, len(self._data["forget"]["prompts"]), (batch_size,), generator=generator).tolist()
             for key, data in self._data.items():
                 out[key] = {"prompts": [data["prompts"][i] for i in idx], "latents": data["latents"][idx]}
-            drawn = ctx.draw(out["forget"], generator)
+            drawn = self._restrict_t(ctx, ctx.draw(out["forget"], generator), idx)
             out["remain"] = {**out["remain"], "noise": drawn["noise"], "t": drawn["t"]}
             out["forget"] = drawn
             return out
         for key, data in self._data.items():
             idx = torch.randint(0, len(data["prompts"]), (batch_size,), generator=generator).tolist()
-            out[key] = ctx.draw({"prompts": [data["prompts"][i] for i in idx],
-                                 "latents": data["latents"][idx]}, generator)
+            drawn = ctx.draw({"prompts": [data["prompts"][i] for i in idx],
+                              "latents": data["latents"][idx]}, generator)
+            out[key] = self._restrict_t(ctx, drawn, idx) if key == "forget" else drawn
         return out
+
+    def _restrict_t(self, ctx, drawn: dict, idx: list[int]) -> dict:
+        """Squeeze each forget sample's timestep into [0, t_max) of its target's kind:
+        t ← ⌊t · t_max / T⌋, uniform again, with no extra random draw."""
+        total = ctx.noise_scheduler.config.num_train_timesteps
+        t_max = self._t_max[idx]
+        return {**drawn, "t": torch.div(drawn["t"] * t_max, total, rounding_mode="floor")}
 
     def loss(self, ctx, batch):
         if self.truncate:
