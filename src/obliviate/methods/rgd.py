@@ -26,6 +26,12 @@ styles 0.93 → 0.88); 128 pairs UA 0.00 — the method is sensitive to its sett
 Removing a style ("striped") the same way gives UA 1.00, but the striped images lose their
 object too (gradient ascent has no anchor: the target's images become noise), so every
 object's accuracy over all its images falls by about a quarter of that.
+Two options aimed at the style request, measured on the model shipped 2026-11-25 (chain
+star then striped, 144 judged images after each; both off by default because neither helped):
+`style_t_max` draws a style's forget samples at t < style_t_max only, on the idea that a
+texture is decided late in sampling and the object early; `replay_pairs` keeps each earlier
+target in the forget set. With t < 400 and 16 replay pairs striped UA fell to 0.61 (objects
+−0.175, star UA back down to 0.25); with t < 200, UA 0.47 (objects −0.108, star 0.54).
 Choice: `remain_target="teacher"` replaces the remain loss's target ε by φ's prediction,
 ‖ε_θ(x_t, c_r, t) − ε_φ(x_t, c_r, t)‖² (as DUGE's prior does); `"data"` is the source's
 (teacher with pairing + τ 0.5: UA 0.79, worse).
