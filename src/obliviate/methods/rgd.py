@@ -81,16 +81,17 @@ class RGD(Method):
         if self.replay_pairs:  # earlier targets stay in the forget set, so ascent keeps them out
             jobs += [(t, ctx.world.default_preserve(t, removed), None, self.replay_pairs) for t in earlier]
         forget, remain, t_max = [], [], []
+        total = ctx.noise_scheduler.config.num_train_timesteps
         for target, keep, anchor, n in jobs:
             others = [c for c in keep if c and c not in removed] or ([anchor] if anchor else [])
             if not others:  # an earlier target whose whole kind is removed: nothing to pair it with
                 continue
-            limit = self.style_t_max if target.kind == "style" and self.style_t_max else None
+            limit = self.style_t_max if target.kind == "style" and self.style_t_max else total
             for i in range(n):
                 (p_f, p_r), = ctx.world.prompt_pairs(target, others[i % len(others)], 1, rng)
                 forget.append(p_f)
                 remain.append(p_r)
-                t_max.append(limit or ctx.noise_scheduler.config.num_train_timesteps)
+                t_max.append(limit)
         self._t_max = torch.tensor(t_max)
         self._data = {
             "forget": {"prompts": forget, "latents": ctx.model_latents(forget)},
