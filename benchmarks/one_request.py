@@ -3,11 +3,13 @@
     python benchmarks/one_request.py --concept star --methods duge,uce,esd [--json out.json] [--work DIR]
     python benchmarks/one_request.py --concept star,striped --methods rgd,doco,fewshot-te
     python benchmarks/one_request.py --concept striped --methods rgd --set style_t_max=300
+    python benchmarks/one_request.py --model runs/w/rgd --base shapes --earlier star --concept striped --methods rgd
 
 For each method and each request (a comma-separated `--concept` is a chain: request k
 starts from the model after request k-1): seconds of the request (image generation
 included), UA of the target and of the earlier targets, and the change in judged accuracy
-of the other objects, of colours and of styles against the shipped model, all from
+of the other objects, of colours and of styles against the shipped model (and, for objects,
+against the model the request started from: "this request"), all from
 `obliviate eval`'s prompt set (`--images-per-combo` images per object x colour x style).
 """
 
@@ -48,32 +50,45 @@ def main(argv=None) -> int:
     parser.add_argument("--concept", default="star")
     parser.add_argument("--methods", default="duge,uce,esd")
     parser.add_argument("--images-per-combo", type=int, default=4)
+    parser.add_argument("--earlier", default="", help="targets removed before --model (comma-separated), "
+                        "reported as earlier targets")
     parser.add_argument("--json")
     parser.add_argument("--work", help="keep the erased models here (default: a temporary folder)")
     parser.add_argument("--model", default="shapes", help="the model to start from (a shapes-world model)")
+    parser.add_argument("--base", help="the model the drops are measured against (default: --model); "
+                        "e.g. `--model runs/w/rgd --base shapes` continues a chain from a saved model")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="method option, as in `obliviate erase --set` (repeatable)")
     args = parser.parse_args(argv)
     options = parse_options(args.set)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="obliviate-one-"))
-    base = evaluate(load_pipeline(args.model), images_per_combo=args.images_per_combo, progress=False)
-    print(f"shipped model: accuracy {base['accuracy']}")
+    base = evaluate(load_pipeline(args.base or args.model), images_per_combo=args.images_per_combo, progress=False)
+    print(f"base model: accuracy {base['accuracy']}")
+    start = base if not args.base or args.base == args.model else evaluate(
+        load_pipeline(args.model), images_per_combo=args.images_per_combo, progress=False)
     rows = []
     chain = args.concept.split(",")
+    earlier = tuple(c for c in args.earlier.split(",") if c)
     for method in args.methods.split(","):
         pipe = load_pipeline(args.model)
+        before = start  # the model this request starts from
         for step, concept in enumerate(chain, 1):
             out = work / method if len(chain) == 1 else work / method / f"{step}-{concept}"
             result = erase(pipe, Request((concept,)), method=method, out=out, progress=False,
                            options=options)
             metrics = evaluate(pipe, images_per_combo=args.images_per_combo, progress=False)
+            removed = (*earlier, *chain[:step - 1])
+            own = summarise(metrics, before, concept, removed)  # this request's own cost
             row = {"method": method, "step": step, "concept": concept, "seconds": result.entry.seconds,
-                   **summarise(metrics, base, concept, tuple(chain[:step - 1])),
+                   **summarise(metrics, base, concept, removed),
+                   **{f"{k}_drop_this_request": own[f"{k}_drop"] for k in ("object", "colour", "style")},
                    "accuracy": metrics["accuracy"], "fid": metrics["fid"], "base_fid": base["fid"]}
             rows.append(row)
-            earlier = "".join(f" (UA {c} {u:.3f})" for c, u in row["ua_earlier"].items())
-            print(f"{method:<10} {step} {concept:<8} {row['seconds']:6.1f} s  UA {row['ua']:.3f}{earlier}  "
-                  f"drop: objects {row['object_drop']:+.3f} (worst {row['object_worst_drop']:+.3f})  "
+            before = metrics
+            shown = "".join(f" (UA {c} {u:.3f})" for c, u in row["ua_earlier"].items())
+            print(f"{method:<10} {step} {concept:<8} {row['seconds']:6.1f} s  UA {row['ua']:.3f}{shown}  "
+                  f"drop: objects {row['object_drop']:+.3f} (worst {row['object_worst_drop']:+.3f}; "
+                  f"this request {row['object_drop_this_request']:+.3f})  "
                   f"colours {row['colour_drop']:+.3f}  styles {row['style_drop']:+.3f}  "
                   f"fid {row['fid']:.2f} (base {base['fid']:.2f})", flush=True)
     if args.json:

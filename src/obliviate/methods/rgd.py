@@ -23,15 +23,23 @@ whose prompt does not name the target): the old recipe (untruncated ascent with 
 truncation alone (τ 1.0, α 5) UA 0.12; pairing alone UA 0.00; pairing + τ 0.5 + α 5
 UA 0.92 (24 pairs) and 1.00 (64 pairs: objects 1.00 → 0.95, colours 1.00 → 0.90,
 styles 0.93 → 0.88); 128 pairs UA 0.00 — the method is sensitive to its settings.
-Removing a style ("striped") the same way gives UA 1.00, but the striped images lose their
-object too (gradient ascent has no anchor: the target's images become noise), so every
-object's accuracy over all its images falls by about a quarter of that.
-Two options aimed at the style request, measured on the model shipped 2026-11-25 (chain
-star then striped, 144 judged images after each; both off by default because neither helped):
-`style_t_max` draws a style's forget samples at t < style_t_max only, on the idea that a
-texture is decided late in sampling and the object early; `replay_pairs` keeps each earlier
-target in the forget set. With t < 400 and 16 replay pairs striped UA fell to 0.61 (objects
-−0.175, star UA back down to 0.25); with t < 200, UA 0.47 (objects −0.108, star 0.54).
+A style is where the source is silent, and plain ascent fails there: the striped images lose
+their object and colour too (gradient ascent has no anchor: the target's images become
+noise), so every object's accuracy over all its images falls, and the earlier target comes
+back (chain star then striped on the model shipped 2026-11-25, 144 judged images: striped
+UA 0.81, objects −0.108, colours −0.653, star UA back to 0.375).
+Choice, for a style target only (an object's request is unchanged): split its timesteps.
+A texture is decided late in sampling and the object, colour and layout early, so the
+forget ascent draws t < `style_t_max` (400), and at t ≥ `style_t_max` the same forget
+prompt is held to what φ draws for its remain pair (same caption, another style):
+`L_keep = ‖ε_θ(x_t, c_f, t) − ε_φ(x_t, c_r, t)‖²`, weight `style_keep` (5), added to the
+remain term, so the restricted update protects it like the remain data. Same chain, same
+144 images: t < 400, keep 5: striped UA 0.944, star stays 1.000, objects −0.108 against the
+shipped model (−0.025 of it from this request; the star request cost −0.083), colours
+−0.146; t < 500, keep 1: UA 0.889, objects −0.125; t < 700, keep 5: UA 0.944, objects
+−0.150. Ascent at t < 400 without the keep term (and 16 replay pairs): UA 0.61, objects
+−0.175, star back to 0.25. `style_keep=0, style_t_max=0` restores plain ascent.
+`replay_pairs` (off) keeps each earlier target in the forget set; it did not help.
 Choice: `remain_target="teacher"` replaces the remain loss's target ε by φ's prediction,
 ‖ε_θ(x_t, c_r, t) − ε_φ(x_t, c_r, t)‖² (as DUGE's prior does); `"data"` is the source's
 (teacher with pairing + τ 0.5: UA 0.79, worse).
@@ -64,8 +72,10 @@ class RGD(Method):
     remain_target: str = "data"
     truncate: float | None = 0.5
     paired: bool = True
-    style_t_max: int = 0  # >0: a style's forget samples take t < style_t_max only
+    style_t_max: int = 400  # >0: a style's forget samples take t < style_t_max only
     replay_pairs: int = 0  # forget pairs of each earlier target of the lineage, kept in the ascent
+    style_keep: float = 5.0  # >0 (with style_t_max): at t >= style_t_max a style's forget prompt
+    #                          is held to φ's prediction under its remain pair (paired=True)
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -80,7 +90,7 @@ class RGD(Method):
         jobs = [(t, [a, *req.preserve], a, self.pairs_per_target) for t, a in zip(req.targets, req.anchors)]
         if self.replay_pairs:  # earlier targets stay in the forget set, so ascent keeps them out
             jobs += [(t, ctx.world.default_preserve(t, removed), None, self.replay_pairs) for t in earlier]
-        forget, remain, t_max = [], [], []
+        forget, remain, t_max, anchored = [], [], [], []
         total = ctx.noise_scheduler.config.num_train_timesteps
         for target, keep, anchor, n in jobs:
             others = [c for c in keep if c and c not in removed] or ([anchor] if anchor else [])
@@ -92,7 +102,9 @@ class RGD(Method):
                 forget.append(p_f)
                 remain.append(p_r)
                 t_max.append(limit)
+                anchored.append(limit < total)
         self._t_max = torch.tensor(t_max)
+        self._keep = torch.tensor(anchored, dtype=torch.bool)
         self._data = {
             "forget": {"prompts": forget, "latents": ctx.model_latents(forget)},
             "remain": {"prompts": remain, "latents": ctx.base_latents(remain)},
@@ -108,6 +120,8 @@ class RGD(Method):
             drawn = self._restrict_t(ctx, ctx.draw(out["forget"], generator), idx)
             out["remain"] = {**out["remain"], "noise": drawn["noise"], "t": drawn["t"]}
             out["forget"] = drawn
+            if self.style_keep and bool(self._keep[idx].any()):
+                out["keep"] = self._early_of_pairs(ctx, out, idx, generator)
             return out
         for key, data in self._data.items():
             idx = torch.randint(0, len(data["prompts"]), (batch_size,), generator=generator).tolist()
@@ -115,6 +129,19 @@ class RGD(Method):
                               "latents": data["latents"][idx]}, generator)
             out[key] = self._restrict_t(ctx, drawn, idx) if key == "forget" else drawn
         return out
+
+    def _early_of_pairs(self, ctx, out: dict, idx: list[int], generator) -> dict:
+        """The style forget samples again, noised at t in [t_max, T): where the layout, object
+        and colour are decided. Their target is φ's prediction under the paired remain prompt."""
+        rows = [j for j, i in enumerate(idx) if self._keep[i]]
+        total = ctx.noise_scheduler.config.num_train_timesteps
+        lo = self._t_max[[idx[j] for j in rows]]
+        u = torch.rand(len(rows), generator=generator)
+        t = lo + (u * (total - lo)).long().clamp(max=total - 1 - lo)
+        sub = {"prompts": [out["forget"]["prompts"][j] for j in rows],
+               "pair": [out["remain"]["prompts"][j] for j in rows],
+               "latents": out["forget"]["latents"][rows]}
+        return {**sub, "noise": torch.randn(sub["latents"].shape, generator=generator), "t": t}
 
     def _restrict_t(self, ctx, drawn: dict, idx: list[int]) -> dict:
         """Squeeze each forget sample's timestep into [0, t_max) of its target's kind:
@@ -139,6 +166,13 @@ class RGD(Method):
             terms = {"remain": (ctx.eps(x_t, t, ctx.encode(sub["prompts"])) - want).pow(2).mean()}
         else:
             terms = {"remain": ctx.diffusion_loss(batch["remain"])}
+        if "keep" in batch:
+            # early timesteps of a style's forget prompt: draw what the paired prompt draws
+            sub = batch["keep"]
+            x_t, _, t = ctx.noisy(sub)
+            want = ctx.eps(x_t, t, ctx.encode(sub["pair"], frozen=True), frozen=True)
+            keep = (ctx.eps(x_t, t, ctx.encode(sub["prompts"])) - want).pow(2).mean()
+            terms["remain"] = terms["remain"] + self.style_keep * keep
         # past the bound the forget term is reported but gives no gradient
         if self.bound_relative and getattr(self, "_forget_start", None) is None:
             self._forget_start = forget.item()
