@@ -18,16 +18,19 @@ Measured on the shapes model, removing "star" (144 judged images): the data form
 steps, lr 1e-3 reached UA 0.50; at 160 steps, lr 3e-3, UA 0.79 with the anchor (circle)
 losing 0.21 accuracy; the teacher form at 160 steps, lr 3e-3: UA 0.96, other objects and
 colours unchanged, styles −0.02. Those are the defaults.
-Choice: `disc_condition=True` (default) makes D conditional, as pix2pix's PatchGAN is: it
-sees the predicted clean latent stacked with the noisy latent x_t it was predicted from. The
-source's D sees x̂₀ alone and so accepts any output of the anchor's domain, whatever its
-object: removing the style "striped" (anchor "solid") after "star" on the model shipped
-2026-11-25 (144 judged images), striped UA 0.944 but the striped prompts' objects went too
-(objects −0.167 against the shipped model). With x_t beside it, a "real" clean latent must
-also fit its own noisy input, which still shows the object and colour: striped UA 0.972,
-objects −0.042, colours −0.132; star, which DoCo does not replay, came back to UA 0.75.
-On an object it costs a little removal: star from the shipped model (288 judged images)
-UA 0.896, objects −0.042 (the unconditional D: UA 1.000, objects −0.017 on 144 images).
+Choice: `disc_condition="auto"` (default) makes D conditional, as pix2pix's PatchGAN is,
+unless every target is an object: it then sees the predicted clean latent stacked with the
+noisy latent x_t it was predicted from (`True`/`False` force either). The source's D sees
+x̂₀ alone and so accepts any output of the anchor's domain, whatever its object: removing
+the style "striped" (anchor "solid") after "star" on the model shipped 2026-11-25 (144
+judged images), striped UA 0.944 but the striped prompts' objects went too (objects −0.167
+against the shipped model). With x_t beside it, a "real" clean latent must also fit its own
+noisy input, which still shows the object and colour: striped UA 0.972, objects −0.042,
+colours −0.132; star, which DoCo does not replay, came back to UA 0.75.
+On an object, where the anchor replaces the whole shape, the conditional D costs removal:
+star from the shipped model UA 0.896 (288 images) and 0.71 in the six-request benchmark
+(144; objects −0.042, and other objects at 0.89 in the benchmark); the unconditional D: UA 1.000, objects −0.017 (144).
+Hence "auto".
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class DoCo(Method):
     pairs_per_target: int = 24
     t_high: int = 600
     prior_target: str = "teacher"
-    disc_condition: bool = True  # D also sees x_t: a clean latent must fit its own noisy input
+    disc_condition: bool | str = "auto"  # D also sees x_t; "auto": unless every target is an object
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -89,7 +92,9 @@ class DoCo(Method):
         self._data = {"p_tgt": [t for t, _ in pairs], "p_anc": anchors,
                       "latents": ctx.model_latents(anchors)}
         torch.manual_seed(ctx.seed)
-        channels = ctx.pipe.unet.config.in_channels * (2 if self.disc_condition else 1)
+        self._conditional = (any(t.kind != "object" for t in ctx.request.targets)
+                             if self.disc_condition == "auto" else bool(self.disc_condition))
+        channels = ctx.pipe.unet.config.in_channels * (2 if self._conditional else 1)
         self.disc = PatchDiscriminator(channels).to(ctx.device)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.disc_lr, betas=(0.5, 0.999))
         ctx.frozen("unet"), ctx.frozen("text_encoder")
@@ -108,13 +113,13 @@ class DoCo(Method):
 
     def _x0(self, ctx, batch, frozen: bool) -> torch.Tensor:
         """Predicted clean latent: φ under the anchor prompt (real) or θ under the target (fake);
-        with `disc_condition`, stacked with the noisy latent it was predicted from."""
+        with a conditional D, stacked with the noisy latent it was predicted from."""
         x_t, _, t = ctx.noisy(batch)
         prompts = batch["p_anc"] if frozen else batch["p_tgt"]
         eps = ctx.eps(x_t, t, ctx.encode(prompts, frozen=frozen), frozen=frozen)
         a = ctx.alphas_cumprod[t].view(-1, 1, 1, 1)
         x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        return torch.cat([x0, x_t], dim=1) if self.disc_condition else x0
+        return torch.cat([x0, x_t], dim=1) if self._conditional else x0
 
     def _update_disc(self, ctx, real: torch.Tensor, fake: torch.Tensor) -> None:
         logits_real, logits_fake = self.disc(real.detach()), self.disc(fake.detach())
