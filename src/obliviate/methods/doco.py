@@ -28,9 +28,9 @@ against the shipped model). With x_t beside it, a "real" clean latent must also 
 noisy input, which still shows the object and colour: striped UA 0.972, objects −0.042,
 colours −0.132; star, which DoCo does not replay, came back to UA 0.75.
 On an object, where the anchor replaces the whole shape, the conditional D costs removal:
-star from the shipped model UA 0.896 (288 images) and 0.71 in the six-request benchmark
-(144; objects −0.042, and other objects at 0.89 in the benchmark); the unconditional D: UA 1.000, objects −0.017 (144).
-Hence "auto".
+star from the shipped model UA 0.896 (288 images, objects −0.042) and 0.71 in the
+six-request benchmark (144, other objects at 0.89); the unconditional D: UA 1.000, objects
+−0.017 (144). Hence "auto".
 """
 
 from __future__ import annotations

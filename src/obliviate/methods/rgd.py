@@ -90,7 +90,7 @@ class RGD(Method):
         jobs = [(t, [a, *req.preserve], a, self.pairs_per_target) for t, a in zip(req.targets, req.anchors)]
         if self.replay_pairs:  # earlier targets stay in the forget set, so ascent keeps them out
             jobs += [(t, ctx.world.default_preserve(t, removed), None, self.replay_pairs) for t in earlier]
-        forget, remain, t_max, anchored = [], [], [], []
+        forget, remain, t_max = [], [], []
         total = ctx.noise_scheduler.config.num_train_timesteps
         for target, keep, anchor, n in jobs:
             others = [c for c in keep if c and c not in removed] or ([anchor] if anchor else [])
@@ -102,9 +102,8 @@ class RGD(Method):
                 forget.append(p_f)
                 remain.append(p_r)
                 t_max.append(limit)
-                anchored.append(limit < total)
         self._t_max = torch.tensor(t_max)
-        self._keep = torch.tensor(anchored, dtype=torch.bool)
+        self._keep = self._t_max < total  # the samples whose early timesteps are held to their pair
         self._data = {
             "forget": {"prompts": forget, "latents": ctx.model_latents(forget)},
             "remain": {"prompts": remain, "latents": ctx.base_latents(remain)},
