@@ -4,6 +4,7 @@
     python benchmarks/one_request.py --concept star,striped --methods rgd,doco,fewshot-te
     python benchmarks/one_request.py --concept striped --methods rgd --set style_t_max=300
     python benchmarks/one_request.py --model runs/w/rgd --base shapes --earlier star --concept striped --methods rgd
+    python benchmarks/one_request.py --concept star,striped --methods rgd,doco,fewshot-te --seeds 0,1,2,3
 
 For each method and each request (a comma-separated `--concept` is a chain: request k
 starts from the model after request k-1): seconds of the request (image generation
@@ -11,6 +12,9 @@ included), UA of the target and of the earlier targets, and the change in judged
 of the other objects, of colours and of styles against the shipped model (and, for objects,
 against the model the request started from: "this request"), all from
 `obliviate eval`'s prompt set (`--images-per-combo` images per object x colour x style).
+`--seeds` repeats every chain with each erase seed (the method's prompts, images, noise and
+timesteps; the evaluation's seed stays fixed) and ends with the worst and mean of each
+figure over the seeds: a method whose result hangs on its seed shows it there.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ def summarise(metrics: dict, base: dict, target: str, removed: tuple[str, ...] =
     return out
 
 
+def print_spread(rows: list[dict]) -> None:
+    """Worst and mean over the seeds of each (method, step): UA (lowest is worst), the
+    earlier targets' UA, and the objects' drop (highest is worst)."""
+    print("over the seeds: worst / mean")
+    for key in dict.fromkeys((r["method"], r["step"], r["concept"]) for r in rows):
+        group = [r for r in rows if (r["method"], r["step"], r["concept"]) == key]
+        ua = [r["ua"] for r in group]
+        earlier = [min(r["ua_earlier"].values()) for r in group if r["ua_earlier"]]
+        drop = [r["object_drop"] for r in group]
+        shown = f"  earlier UA {min(earlier):.3f} / {np.mean(earlier):.3f}" if earlier else ""
+        print(f"{key[0]:<10} {key[1]} {key[2]:<8} {len(group)} seeds  UA {min(ua):.3f} / {np.mean(ua):.3f}"
+              f"{shown}  objects drop {max(drop):+.3f} / {np.mean(drop):+.3f}", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", default="star")
@@ -57,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="shapes", help="the model to start from (a shapes-world model)")
     parser.add_argument("--base", help="the model the drops are measured against (default: --model); "
                         "e.g. `--model runs/w/rgd --base shapes` continues a chain from a saved model")
+    parser.add_argument("--seeds", default="0", help="erase seeds, comma-separated (default 0)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="method option, as in `obliviate erase --set` (repeatable)")
     args = parser.parse_args(argv)
@@ -69,28 +88,33 @@ def main(argv=None) -> int:
     rows = []
     chain = args.concept.split(",")
     earlier = tuple(c for c in args.earlier.split(",") if c)
-    for method in args.methods.split(","):
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for method, seed in ((m, s) for m in args.methods.split(",") for s in seeds):
         pipe = load_pipeline(args.model)
         before = start  # the model this request starts from
         for step, concept in enumerate(chain, 1):
-            out = work / method if len(chain) == 1 else work / method / f"{step}-{concept}"
+            out = work / (method if len(seeds) == 1 else f"{method}-seed{seed}")
+            out = out if len(chain) == 1 else out / f"{step}-{concept}"
             result = erase(pipe, Request((concept,)), method=method, out=out, progress=False,
-                           options=options)
+                           options=options, seed=seed)
             metrics = evaluate(pipe, images_per_combo=args.images_per_combo, progress=False)
             removed = (*earlier, *chain[:step - 1])
             own = summarise(metrics, before, concept, removed)  # this request's own cost
-            row = {"method": method, "step": step, "concept": concept, "seconds": result.entry.seconds,
+            row = {"method": method, "seed": seed, "step": step, "concept": concept,
+                   "seconds": result.entry.seconds,
                    **summarise(metrics, base, concept, removed),
                    **{f"{k}_drop_this_request": own[f"{k}_drop"] for k in ("object", "colour", "style")},
                    "accuracy": metrics["accuracy"], "fid": metrics["fid"], "base_fid": base["fid"]}
             rows.append(row)
             before = metrics
             shown = "".join(f" (UA {c} {u:.3f})" for c, u in row["ua_earlier"].items())
-            print(f"{method:<10} {step} {concept:<8} {row['seconds']:6.1f} s  UA {row['ua']:.3f}{shown}  "
+            print(f"{method:<10} {seed:>4} {step} {concept:<8} {row['seconds']:6.1f} s  UA {row['ua']:.3f}{shown}  "
                   f"drop: objects {row['object_drop']:+.3f} (worst {row['object_worst_drop']:+.3f}; "
                   f"this request {row['object_drop_this_request']:+.3f})  "
                   f"colours {row['colour_drop']:+.3f}  styles {row['style_drop']:+.3f}  "
                   f"fid {row['fid']:.2f} (base {base['fid']:.2f})", flush=True)
+    if len(seeds) > 1:
+        print_spread(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"base": base, "rows": rows}, indent=1))
     return 0

@@ -201,7 +201,9 @@ def test_two_processes_match_one(base, tmp_path):
     ("rgd", "star", {"pairs_per_target": 8}), ("doco", "star", {"disc_warmup": 2}), ("fewshot-te", "star", {}),
     # a style takes RGD's split timesteps (ascent late, held to the pair early) and DoCo's
     # conditional discriminator
-    ("rgd", "striped", {"pairs_per_target": 8}), ("doco", "striped", {"disc_warmup": 2})])
+    ("rgd", "striped", {"pairs_per_target": 8}), ("doco", "striped", {"disc_warmup": 2}),
+    # an object's ascent window above t = 300, held to its pair below it
+    ("rgd", "star", {"pairs_per_target": 8, "object_t_min": 300, "object_keep": 1.0})])
 def test_other_methods_run_on_the_engine(shapes_base, tmp_path, method, concept, options):
     pipe = load_pipeline(shapes_base)
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}

@@ -21,6 +21,10 @@ Measured removing "star" (144 judged images): 60 steps with λ_keep 1 -> UA 0.92
 defaults) -> UA 1.00, other objects unchanged, 8 s. The colour loss left (−0.10) is on
 prompts naming the target: ascent takes the whole prompt's meaning with it, so "a red star"
 no longer comes out red either.
+Seeds: chain star then striped with erase seeds 0-3 (144 images each, 2 CPU cores): star UA
+0.96-1.00 every time, but striped UA 1.00, 0.06, 0.50, 0.25. For seed 3, 120 steps, lr 2e-3,
+λ_keep 1 or 48 prompts all left it at UA 0.08-0.17: the ascent, unanchored, stops either side
+of the judge's boundary, and which side hangs on the draw.
 """
 
 from __future__ import annotations
