@@ -43,7 +43,7 @@ class ConceptWorld:
         raise NotImplementedError
 
     def prompt_pairs(self, target: Target, anchor: str, n: int, rng: np.random.Generator,
-                     synonyms: bool = False) -> list[tuple[str, str]]:  # pragma: no cover
+                     synonyms: bool = False, avoid: set[str] = frozenset()) -> list[tuple[str, str]]:  # pragma: no cover
         raise NotImplementedError
 
     def prompts_naming(self, concept: str, n: int, rng: np.random.Generator,
@@ -86,18 +86,19 @@ class ShapesWorld(ConceptWorld):
         return [c.name for c in vocab.BY_KIND[target.kind]
                 if c.name != target.name and c.name not in avoid]
 
-    def prompt_pairs(self, target, anchor, n, rng, synonyms=False):
+    def prompt_pairs(self, target, anchor, n, rng, synonyms=False, avoid=frozenset()):
         """`n` (target prompt, anchor prompt) pairs: the same caption with the target's word
-        replaced by the anchor's; other concepts random (never a removed one)."""
+        replaced by the anchor's; the other slots random, never the target nor a concept in
+        `avoid` (pass the concepts removed earlier, or the pairs draw them again)."""
         templates = [t for t in vocab.ERASURE_TEMPLATES if vocab.names(t, target.kind)]
         pairs = []
         for _ in range(n):
             template = templates[rng.integers(len(templates))]
             word = target.words[rng.integers(len(target.words))] if synonyms else target.name
             state = rng.bit_generator.state
-            p_tgt = vocab.fill(template, {target.kind: word}, rng, {target.name}, synonyms)
+            p_tgt = vocab.fill(template, {target.kind: word}, rng, {target.name, *avoid}, synonyms)
             rng.bit_generator.state = state
-            p_anc = vocab.fill(template, {target.kind: anchor}, rng, {target.name}, synonyms)
+            p_anc = vocab.fill(template, {target.kind: anchor}, rng, {target.name, *avoid}, synonyms)
             pairs.append((p_tgt, p_anc))
         return pairs
 
