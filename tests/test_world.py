@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from obliviate.concepts import ShapesWorld
 from obliviate.shapes import vocab, world
 
 
@@ -51,11 +52,9 @@ def test_unknown_concept_lists_known_names():
 def test_prompt_pairs_never_name_an_avoided_concept():
     # a later request's pairs must not draw a concept removed earlier, or their remain
     # side teaches it back
-    from obliviate.concepts import ShapesWorld
-
-    world = ShapesWorld()
-    pairs = world.prompt_pairs(world.target("striped"), "solid", 200, np.random.default_rng(0),
-                               avoid={"star", "red"})
+    shapes = ShapesWorld()
+    pairs = shapes.prompt_pairs(shapes.target("striped"), "solid", 200, np.random.default_rng(0),
+                                avoid={"star", "red"})
     words = {w.strip(",.") for f, r in pairs for w in f"{f} {r}".split()}
     assert not words & {"star", "red"}
     assert {"circle", "square"} <= words  # the other objects still appear

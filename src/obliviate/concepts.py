@@ -42,8 +42,8 @@ class ConceptWorld:
     def default_preserve(self, target: Target, avoid: set[str]) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
-    def prompt_pairs(self, target: Target, anchor: str, n: int, rng: np.random.Generator,
-                     synonyms: bool = False, avoid: set[str] = frozenset()) -> list[tuple[str, str]]:  # pragma: no cover
+    def prompt_pairs(self, target: Target, anchor: str, n: int, rng: np.random.Generator, synonyms: bool = False,
+                     avoid: set[str] = frozenset()) -> list[tuple[str, str]]:  # pragma: no cover
         raise NotImplementedError
 
     def prompts_naming(self, concept: str, n: int, rng: np.random.Generator,
