@@ -34,6 +34,13 @@ six-request benchmark (144, other objects at 0.89); the unconditional D: UA 1.00
 Seeds: the chain star then striped with erase seeds 0-3 (144 images, 2 CPU cores): star UA
 1.00, 0.83, 1.00, 0.92 (objects −0.00 to −0.03); striped UA 0.97, 1.00, 0.89, 0.97 (objects
 −0.04 to −0.10), star back to UA 0.75-0.96 after it.
+Tried and dropped (the source has one request): a replay term holding θ under 16 prompts
+naming each earlier target at φ's prediction (where they are already erased),
+‖ε_θ(x_t, c_earlier, t) − ε_φ(x_t, c_earlier, t)‖², added after the surgery, with draws of its
+own so the request's batches stayed the same. Same chain: star after striped 0.83, 0.83,
+1.00, 0.75 (without: 0.75, 0.83, 0.96, 0.88), striped UA 0.97, 1.00, 0.97, 0.86 (objects
+−0.01 to −0.08); inside the prior term, sharing the request's draws: striped 0.94, 0.97,
+0.97, 0.61. No consistent gain.
 """
 
 from __future__ import annotations

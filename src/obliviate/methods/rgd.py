@@ -56,6 +56,11 @@ what makes it fragile is the model RGD's star request leaves (colours already �
 −0.25). No variant tried (α 10/20, τ 0.25, lr 5e-5, 30-100 steps, the teacher target,
 style_keep 10, style_t_max 300) gave UA >= 0.9 on both requests for every seed: ascent that
 is truncated, not anchored, stops wherever the judge's features happen to flip.
+Nor did two more (star alone, 144 images, 2 CPU cores): cross-attention only
+(`param_group=attn2`, the reference's "xattn"): lr 1e-4 UA 0.00; lr 1e-3 and 3e-3 UA 0.00 with
+objects −0.47/−0.63 (ascent through the text pathway breaks every prompt first); 64 memory
+prompts (no removed concept) added to the remain term: UA 1.00, 1.00, 0.79 on seeds 0-2,
+colours −0.13 to −0.17 and styles −0.11 to −0.19, no better than without.
 Choice: `remain_target="teacher"` replaces the remain loss's target ε by φ's prediction,
 ‖ε_θ(x_t, c_r, t) − ε_φ(x_t, c_r, t)‖² (as DUGE's prior does); `"data"` is the source's
 (teacher with pairing + τ 0.5: UA 0.79, worse).
