@@ -60,7 +60,11 @@ Nor did two more (star alone, 144 images, 2 CPU cores): cross-attention only
 (`param_group=attn2`, the reference's "xattn"): lr 1e-4 UA 0.00; lr 1e-3 and 3e-3 UA 0.00 with
 objects −0.47/−0.63 (ascent through the text pathway breaks every prompt first); 64 memory
 prompts (no removed concept) added to the remain term: UA 1.00, 1.00, 0.79 on seeds 0-2,
-colours −0.13 to −0.17 and styles −0.11 to −0.19, no better than without.
+colours −0.13 to −0.17 and styles −0.11 to −0.19, no better than without. Ascent weighted
+per latent element by where each forget image and its remain pair differ (both sampled from
+the same noise, so the difference is mostly the object): star UA 0.00 and 0.33 on seeds 0-1
+with colours −0.19/−0.24 all the same — the collateral damage does not come from ascent on
+the shared parts of the image, and the removal needs the whole image's error.
 Choice: `remain_target="teacher"` replaces the remain loss's target ε by φ's prediction,
 ‖ε_θ(x_t, c_r, t) − ε_φ(x_t, c_r, t)‖² (as DUGE's prior does); `"data"` is the source's
 (teacher with pairing + τ 0.5: UA 0.79, worse).
