@@ -52,6 +52,12 @@ class EraseContext:
     def tokenizer(self):
         return self.pipe.tokenizer
 
+    @property
+    def removed(self) -> set[str]:
+        """Every concept the lineage has removed, this request's targets included: what
+        prompts built for keeping, pairing or replay must not name."""
+        return {t.name for r in self.history for t in r.targets} | set(self.request.names)
+
     # -- frozen copies (φ) -----------------------------------------------------------------
     def frozen(self, component: str) -> torch.nn.Module:
         """A frozen copy of `unet` or `text_encoder` as it was when first asked for.

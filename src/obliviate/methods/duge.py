@@ -62,7 +62,7 @@ class DUGE(Method):
     def prepare(self, ctx) -> None:
         rng = np.random.default_rng(ctx.seed)
         req = ctx.request
-        removed = {t.name for r in ctx.history for t in r.targets} | set(req.names)
+        removed = ctx.removed
         self._data["attn"] = self._pairs(ctx, [(t, a) for t, a in zip(req.targets, req.anchors)], rng)
         earlier = [(t, a) for r in ctx.history for t, a in zip(r.targets, r.anchors)]
         if earlier and self.lambda_rebound:

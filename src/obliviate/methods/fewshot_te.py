@@ -79,7 +79,7 @@ class FewShotTextEncoder(Method):
             prompts.append(ctx.world.prompts_naming(target.name, self.prompts_per_target, rng))
         self._data = {"latents": latents, "prompts": prompts}
         if self.lambda_keep:
-            removed = {t.name for r in ctx.history for t in r.targets} | set(ctx.request.names)
+            removed = ctx.removed
             keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng)
             for c in ctx.request.preserve:
                 keep += ctx.world.prompts_naming(c, max(1, self.keep_prompts // 8), rng, removed)

@@ -114,7 +114,7 @@ class RGD(Method):
         rng = np.random.default_rng(ctx.seed)
         req = ctx.request
         earlier = [t for r in ctx.history for t in r.targets if t.name not in req.names]
-        removed = {t.name for t in earlier} | set(req.names)
+        removed = ctx.removed
         jobs = [(t, [a, *req.preserve], a, self.pairs_per_target) for t, a in zip(req.targets, req.anchors)]
         if self.replay_pairs:  # earlier targets stay in the forget set, so ascent keeps them out
             jobs += [(t, ctx.world.default_preserve(t, removed), None, self.replay_pairs) for t in earlier]

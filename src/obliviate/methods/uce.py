@@ -41,7 +41,7 @@ class UCE(Method):
         req, world = ctx.request, ctx.world
         pairs = [p for t, a in zip(req.targets, req.anchors)
                  for p in world.prompt_pairs(t, a, self.prompts_per_target, rng)]
-        removed = {t.name for r in ctx.history for t in r.targets} | set(req.names)
+        removed = ctx.removed
         keep = [p for c in req.preserve for p in world.prompts_naming(c, self.prompts_per_preserved, rng, removed)]
         keep += world.memory_prompts(removed, self.memory_prompts, rng)
         keep += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
