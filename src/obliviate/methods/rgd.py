@@ -65,6 +65,20 @@ per latent element by where each forget image and its remain pair differ (both s
 the same noise, so the difference is mostly the object): star UA 0.00 and 0.33 on seeds 0-1
 with colours −0.19/−0.24 all the same — the collateral damage does not come from ascent on
 the shared parts of the image, and the removal needs the whole image's error.
+Where the colour loss comes from (2026-11-26, on an H200, 288 images, chain star then striped,
+erase seeds 0-3; the defaults there: star UA 0.98-1.00 with colours −0.16 to −0.26, striped
+UA 0.88, 0.81, 0.74, 0.69). The remain term alone (forget term switched off, same 60 steps at
+lr 1e-4 over the whole UNet) moves colours by −0.00 to −0.04: it is the ascent that costs
+them. None of these, each measured and dropped, kept the colours: the whole UNet without
+normalisation layers and biases (colours −0.17 to −0.26, striped UA 0.71-0.88); the forget
+error with each channel's spatial mean removed before squaring (star UA 0.00-0.98 by seed);
+the mutual projection tensor by tensor instead of over all parameters (striped UA
+0.57-0.83, 3x slower); rendered pairs — one scene and pose drawn with the target and with the
+other concept — as forget and remain data (star UA 0.00 on two seeds; striped 0.82-0.97 but
+objects −0.15 to −0.25). Drawing the striped request's forget images by the shipped model
+rather than the star-erased one (whose style accuracy is already −0.15) lifted striped UA to
+0.99, 0.71, 0.92, 0.97, but that request alone then cost objects −0.07 to −0.21; a keep
+weight of 10 or 20 with it did not fix either.
 Choice: `remain_target="teacher"` replaces the remain loss's target ε by φ's prediction,
 ‖ε_θ(x_t, c_r, t) − ε_φ(x_t, c_r, t)‖² (as DUGE's prior does); `"data"` is the source's
 (teacher with pairing + τ 0.5: UA 0.79, worse).
