@@ -32,6 +32,13 @@ whole prompt, so there is no cheap window. Not the default. With the window for 
 only and 144 keep prompts (same chain, seeds 0-3): striped UA 1.00, 1.00, 0.97, 1.00 but
 objects −0.11 to −0.21 and FID 27-28 (base 6.4); λ_keep 10 with it: striped UA 0.31-0.53,
 star back to 0.42-0.92 — the keep term that spares the rest also spares the target.
+More tries, same chain, seeds 0-3 (2026-11-26): 8 shots instead of 4, striped UA 1.00, 0.08,
+0.83, 0.44 (star 0.83-0.96); the window [100, 600) for both requests, striped 1.00, 0.89,
+0.58, 0.92 but star 0.79-0.96; [100, 600) for the style only, striped 1.00, 0.47, 0.64, 0.86
+with objects −0.05 to −0.16. The ascent's loss shows why the seeds differ: on seed 0 the
+striped loss rose from 0.043 to 0.11 over the 80 steps, on seeds 1 and 3 only from 0.026 to
+0.043 and 0.039 to 0.051: on those draws the ascent hardly moves the loss, and the style
+stays. None kept.
 Each image with its own caption instead of template prompts (the caption names what the
 image shows, so the prompt agrees with the image): star UA 0.04-0.17 on seeds 0-3 — the
 ascent spreads over every word the caption and image share; the template prompts, whose
