@@ -78,7 +78,10 @@ other concept — as forget and remain data (star UA 0.00 on two seeds; striped 
 objects −0.15 to −0.25). Drawing the striped request's forget images by the shipped model
 rather than the star-erased one (whose style accuracy is already −0.15) lifted striped UA to
 0.99, 0.71, 0.92, 0.97, but that request alone then cost objects −0.07 to −0.21; a keep
-weight of 10 or 20 with it did not fix either.
+weight of 10 or 20 with it did not fix either. The mean-free error for the style request only
+(star with the defaults; 2 CPU cores, 144 images): striped UA 0.92, 0.94, 0.83, 0.53 on seeds
+0-3 (defaults there 0.81, 0.64, 0.75, 0.69), objects −0.07 to −0.18 after both, and star back
+to 0.79 on seed 1 — better on average, worse at its worst; dropped.
 Choice: `remain_target="teacher"` replaces the remain loss's target ε by φ's prediction,
 ‖ε_θ(x_t, c_r, t) − ε_φ(x_t, c_r, t)‖² (as DUGE's prior does); `"data"` is the source's
 (teacher with pairing + τ 0.5: UA 0.79, worse).
