@@ -81,7 +81,11 @@ rather than the star-erased one (whose style accuracy is already −0.15) lifted
 weight of 10 or 20 with it did not fix either. The mean-free error for the style request only
 (star with the defaults; 2 CPU cores, 144 images): striped UA 0.92, 0.94, 0.83, 0.53 on seeds
 0-3 (defaults there 0.81, 0.64, 0.75, 0.69), objects −0.07 to −0.18 after both, and star back
-to 0.79 on seed 1 — better on average, worse at its worst; dropped.
+to 0.79 on seed 1 — better on average, worse at its worst; dropped. Combined with the object
+split (`object_t_min` 300, `object_keep` 1) and α 10, which had cost objects least on the
+H200: objects −0.01 to −0.08 after both, but star UA 0.96, 0.58, 0.00, 0.92 and striped
+0.67, 0.81, 1.00, 0.53 — each knob that spares the rest also lets the target through on
+some draws.
 Choice: `remain_target="teacher"` replaces the remain loss's target ε by φ's prediction,
 ‖ε_θ(x_t, c_r, t) − ε_φ(x_t, c_r, t)‖² (as DUGE's prior does); `"data"` is the source's
 (teacher with pairing + τ 0.5: UA 0.79, worse).
