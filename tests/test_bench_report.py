@@ -17,11 +17,18 @@ from sd_tiny import save_tiny_sd
 
 @pytest.fixture(scope="module")
 def bench_result(tmp_path_factory):
+    from obliviate.evaluate import softprompt
+
     root = tmp_path_factory.mktemp("bench")
     base = save_tiny_sd(root / "base", world="shapes")
-    return run_bench(["uce", "duge+refresh"], ["star", "striped"], model=str(base), images_per_combo=1,
-                     attacks=["paraphrase", "softprompt", "resurgence"], work=root / "work",
-                     options={"duge": {"steps": 2}}, grid_images=4, progress=False)
+    quick = softprompt.LADDERS["quick"]
+    softprompt.LADDERS["quick"] = (softprompt.Rung(2, (20, 40), "concept"), softprompt.Rung(1, (30,), "neutral"))
+    try:
+        return run_bench(["uce", "duge+refresh"], ["star", "striped"], model=str(base), images_per_combo=1,
+                         attacks=["paraphrase", "softprompt", "resurgence"], work=root / "work",
+                         options={"duge": {"steps": 2}}, grid_images=4, progress=False)
+    finally:
+        softprompt.LADDERS["quick"] = quick
 
 
 def test_bench_measures_every_step_and_attack(bench_result):
@@ -35,13 +42,15 @@ def test_bench_measures_every_step_and_attack(bench_result):
     for r in rows:
         assert 0 <= r["ira"] <= 1 and 0 <= r["cra"] <= 1 and r["seconds"] > 0 and r["bytes_stored"] > 0
     attacks = bench_result["attacks"]["uce"]["star"]
-    assert attacks["softprompt"]["steps"] > 0 and 0 <= attacks["softprompt"]["ua"] <= 1
+    ladder = attacks["softprompt"]
+    assert [r["steps"] for r in ladder["rungs"]] == [20, 40, 30]  # every rung is reported
+    assert ladder["worst"]["accuracy"] == max(r["accuracy"] for r in ladder["rungs"]) == 1 - ladder["ua"]
     assert 0 <= attacks["paraphrase"]["ua"] <= 1
     assert "accuracy_after" in attacks["resurgence"]
     # by default each target is attacked on the model right after the request that removed it
     assert attacks["after_request"] == 1 and bench_result["attacks"]["uce"]["striped"]["after_request"] == 2
     text = table(bench_result)
-    assert "soft-prompt UA" in text and "duge" in text
+    assert "soft-prompt worst-case recovery" in text and "duge" in text
     assert json.loads(to_json(bench_result))["rows"][0]["method"] == "uce"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .erase import erase
-from .evaluate.attacks import run_attacks
+from .evaluate.attacks import check_attacks, run_attacks
 from .errors import ObliviateError
 from .evaluate.evaluation import evaluate_model, load_judge
 from .pipeline import load_pipeline
@@ -47,15 +47,17 @@ def _retained(metrics: dict, base: dict, removed: list[str], sequence: list[str]
 def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", images_per_combo: int = 2,
               attacks: list[str] = (), work: Path | None = None, save: str = "delta",
               options: dict | None = None, grid_images: int = 8, progress: bool = True,
-              attack_targets: str = "all", attack_when: str = "removal") -> dict:
+              attack_targets: str = "all", attack_when: str = "removal", attack_budget: str = "quick") -> dict:
     """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids)."""
     # bad arguments fail here, before any model is loaded or image generated
     attacked = _attack_targets(attack_targets, list(sequence))
     if attack_when not in ("removal", "final"):
         raise ObliviateError(f"--attack-when {attack_when!r}: choose removal or final")
+    check_attacks(list(attacks), attack_budget)
     for method in methods:
-        if method.partition("+")[2] not in ("", "refresh"):
-            raise ObliviateError(f"bench method {method!r}: the only plug-in is +refresh (e.g. duge+refresh)")
+        if method.partition("+")[2] not in ("", "refresh", "robust"):
+            raise ObliviateError(f"bench method {method!r}: the plug-ins are +refresh and +robust "
+                                 "(e.g. duge+robust)")
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
     judge = load_judge(base_pipe)
@@ -92,7 +94,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             name, _, plugin = method.partition("+")
             result = erase(pipe, Request((concept,)), method=name, out=out, save=save,
                            options=(options or {}).get(method, (options or {}).get(name)),
-                           refresh=plugin == "refresh", progress=False)
+                           refresh=plugin == "refresh", robust=plugin == "robust", progress=False)
             metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
                                      keep_images=True)
             pictures = grid(metrics, concept)
@@ -114,7 +116,8 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
                 now = attacked if step == len(sequence) else []
             if attacks and now:
                 bar.set_postfix(method=method, request=f"attacks on {','.join(now)}")
-                found = run_attacks(pipe, judge, now, list(attacks), removed=removed)
+                found = run_attacks(pipe, judge, now, list(attacks), removed=removed, budget=attack_budget,
+                                    original=base_pipe if attack_budget == "full" else None)
                 for c in found:
                     found[c]["after_request"] = step
                 attack_results.setdefault(method, {}).update(found)
@@ -149,8 +152,14 @@ def _attack_lines(method: str, per_concept: dict) -> list[str]:
         if "paraphrase" in r:
             parts.append(f"paraphrase UA {r['paraphrase']['ua']:.2f}")
         if "softprompt" in r:
-            parts.append(f"soft-prompt UA {r['softprompt']['ua']:.2f} ({r['softprompt']['steps']} steps, "
-                         f"{r['softprompt']['tokens']} tokens)")
+            worst = r["softprompt"]["worst"]
+            parts.append(f"soft-prompt worst-case recovery {worst['accuracy']:.2f} ({worst['label']}; "
+                         f"{len(r['softprompt']['rungs'])} rungs)")
+        if "hardprompt" in r:
+            parts.append(f"hard-prompt recovery {r['hardprompt']['accuracy']:.2f} "
+                         f"({r['hardprompt']['prefix']!r})")
+        if "conditioning" in r:
+            parts.append(f"upper bound (conditioning) {r['conditioning']['accuracy']:.2f}")
         if "resurgence" in r:
             parts.append(f"resurgence acc {r['resurgence']['accuracy_before']:.2f} -> "
                          f"{r['resurgence']['accuracy_after']:.2f}")
@@ -174,14 +183,41 @@ def format_row(row: dict, sequence: list[str]) -> str:
             f"{row['bytes_stored'] / 1e6:6.2f} MB")
 
 
+def robustness_summary(result: dict) -> list[dict]:
+    """Per method: lowest UA of the targets after the last request, the never-removed
+    accuracy over the base's, and the worst-case recovery (the highest accuracy of any
+    attacked target under the strongest soft-prompt rung, hard prompt or upper bound)."""
+    out = []
+    for method in result["methods"]:
+        rows = [r for r in result["rows"] if r["method"] == method]
+        if not rows:
+            continue
+        attacks = result.get("attacks", {}).get(method, {})
+        soft = [r["softprompt"]["worst"]["accuracy"] for r in attacks.values() if "softprompt" in r]
+        hard = [r["hardprompt"]["accuracy"] for r in attacks.values() if "hardprompt" in r]
+        bound = [r["conditioning"]["accuracy"] for r in attacks.values() if "conditioning" in r]
+        out.append({"method": method, "lowest_ua": min(rows[-1]["ua"].values()),
+                    "kept": rows[-1]["retained_ratio"], "softprompt": max(soft, default=None),
+                    "hardprompt": max(hard, default=None), "upper_bound": max(bound, default=None),
+                    "seconds": [r["seconds"] for r in rows]})
+    return out
+
+
 def table(result: dict) -> str:
-    """The headline table as text."""
+    """The headline table as text, then the attacks, then the robustness summary."""
     seq = result["sequence"]
     head = (f"{'method':<10} {'k':>2} {'removed':<9} | " + " ".join(f"{c[:5]:>5}" for c in seq)
             + " | in-domain, cross-domain, never-removed/base | Fréchet | cost")
     lines = [head] + [format_row(r, seq) for r in result["rows"]]
     for method, per_concept in result.get("attacks", {}).items():
         lines += _attack_lines(method, per_concept)
+    if result.get("attacks"):
+        show = lambda x: "  -  " if x is None else f"{x:5.2f}"  # noqa: E731
+        lines.append(f"{'method':<14} lowest UA | kept | worst-case recovery: soft-prompt  hard-prompt | "
+                     "upper bound")
+        for s in robustness_summary(result):
+            lines.append(f"{s['method']:<14} {s['lowest_ua']:9.2f} | {s['kept']:4.2f} | "
+                         f"{show(s['softprompt']):>32}  {show(s['hardprompt']):>11} | {show(s['upper_bound'])}")
     return "\n".join(lines)
 
 

@@ -38,6 +38,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate.evaluation import evaluate_model
     from .pipeline import load_pipeline
 
+    if args.attacks:
+        from .evaluate.attacks import check_attacks
+
+        check_attacks(args.attacks.split(","), args.attack_budget)
     pipe = load_pipeline(args.model, device=args.device)
     if args.judge:
         from .evaluate.external_judges import evaluate_concepts, load_external_judge
@@ -59,7 +63,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         removed = ledger.removed() if ledger else []
         if not removed:
             raise ObliviateError(f"{args.model} has no removed concepts in a ledger; nothing to attack")
-        result["attacks"] = run_attacks(pipe, load_judge(pipe), removed, args.attacks.split(","), seed=args.seed)
+        original = load_pipeline(ledger.base, device=args.device) if args.attack_budget == "full" else None
+        result["attacks"] = run_attacks(pipe, load_judge(pipe), removed, args.attacks.split(","), seed=args.seed,
+                                        budget=args.attack_budget, original=original)
     text = json.dumps(result, indent=1)
     if args.json:
         out = Path(args.json)
@@ -138,7 +144,8 @@ def _cmd_erase(args: argparse.Namespace) -> None:
     result = erase(pipe, request, method=args.method, out=args.out, steps=args.steps, lr=args.lr,
                    batch_size=args.batch_size, seed=args.seed, options=parse_options(args.set),
                    save=args.save, overwrite=args.overwrite, new_lineage=args.new_lineage,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume, refresh=args.refresh)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, refresh=args.refresh,
+                   robust=parse_options(args.robust_set) or bool(args.robust) if args.robust else False)
     e = result.entry
     pairs = ", ".join(f"{t['name']} -> {a or '(empty)'}" for t, a in zip(e.request["targets"], e.request["anchors"]))
     print(f"step {e.step}: {args.method} removed {pairs} in {e.seconds:.1f} s; "
@@ -250,7 +257,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                        images_per_combo=args.images_per_combo,
                        attacks=args.attacks.split(",") if args.attacks else [],
                        work=Path(args.work) if args.work else None, options=options,
-                       attack_targets=args.attack_targets, attack_when=args.attack_when)
+                       attack_targets=args.attack_targets, attack_when=args.attack_when,
+                       attack_budget=args.attack_budget)
     print(table(result))
     if args.json:
         out = Path(args.json)
@@ -288,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--attacks", help="comma list of paraphrase,softprompt,resurgence (on removed concepts)")
+    e.add_argument("--attacks", help="comma list of paraphrase,softprompt,hardprompt,conditioning,resurgence "
+                                     "(on the removed concepts; conditioning is the white-box upper bound)")
+    e.add_argument("--attack-budget", default="quick", choices=("quick", "full"),
+                   help="soft-prompt ladder: quick (3 rungs, 2 tokens, 300 steps) or full (1/2/4 tokens x "
+                        "300/1000 steps x word/neutral/random start x rendered/original-model images); "
+                        "default quick")
     e.add_argument("--judge", help="for real models: clip:FOLDER or classifier:FOLDER")
     e.add_argument("--concepts", help="for real models: comma list of concepts to judge")
     e.add_argument("--images-per-concept", type=int, default=8)
@@ -327,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=int, default=0)
     r.add_argument("--resume", action="store_true")
     r.add_argument("--refresh", action="store_true", help="wrap the method in refresh learning")
+    r.add_argument("--robust", action="store_true",
+                   help="adversarial erasure: mine soft prompts that bring the target back during the "
+                        "request and erase them too (gradient methods; uce has a closed-form variant)")
+    r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
+                   help="a --robust setting (every, mine_steps, first_steps, tokens, pool, share), repeatable")
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=_cmd_erase)
 
@@ -382,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="duge,esd,uce")
     b.add_argument("--sequence", default="star,striped,square,red,triangle,dotted")
     b.add_argument("--images-per-combo", type=int, default=2)
-    b.add_argument("--attacks", default="", help="comma list of paraphrase,softprompt,resurgence")
+    b.add_argument("--attacks", default="",
+                   help="comma list of paraphrase,softprompt,hardprompt,conditioning,resurgence")
+    b.add_argument("--attack-budget", default="quick", choices=("quick", "full"),
+                   help="soft-prompt ladder (see eval --help); default quick")
     b.add_argument("--attack-targets", default="all",
                    help="removed concepts to attack: all, first, or a comma list (default: all)")
     b.add_argument("--attack-when", default="removal", choices=("removal", "final"),

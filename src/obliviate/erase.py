@@ -29,6 +29,7 @@ from .engine.context import EraseContext
 from .engine.data import LatentCache
 from .engine.loop import train
 from .engine.refresh import Refresh
+from .engine.robust import Robust
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method
@@ -87,13 +88,16 @@ def erase(
     cache_dir: Path | None = None,
     accelerator: Accelerator | None = None,
     refresh: bool | dict = False,
+    robust: bool | dict = False,
 ) -> EraseResult:
     """Remove `request`'s concepts from `pipe` (edited in place) with `method`.
 
     With `out`, the edited model and its ledger are written there (a full diffusers folder,
     or with `save="delta"` only the changed tensors plus the base's path and hash).
     `refresh` (True, or a dict of `Refresh` settings) wraps a gradient method in refresh
-    learning; its Fisher estimate is carried from the parent folder to `out`.
+    learning; its Fisher estimate is carried from the parent folder to `out`. `robust` (True,
+    or a dict of `Robust` settings) adds adversarial soft prompts mined during the request
+    (engine.robust); the lineage's pool of them is carried from the parent folder to `out`.
     """
     if save not in ("full", "delta"):
         raise ObliviateError(f"--save must be 'full' or 'delta', not {save!r}")
@@ -103,7 +107,10 @@ def erase(
     ledger = lineage_of(pipe, new_lineage)
     world = world_for(pipe)
     resolved = request.resolve(world, ledger.removed())
-    m = get_method(method, **(options or {}))
+    options = dict(options or {})
+    if robust:
+        options = {**get_method(method).robust_defaults, **options}
+    m = get_method(method, **options)
     for key, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size)):
         if value is not None:
             setattr(m, key, value)
@@ -123,28 +130,41 @@ def erase(
         source = getattr(pipe, "obliviate_source", None)
         plugin = Refresh.from_folder(Path(source) if source and Path(source).is_dir() else None,
                                      **(refresh if isinstance(refresh, dict) else {}))
+    adversary = None
+    if robust:
+        source = getattr(pipe, "obliviate_source", None)
+        adversary = Robust.from_folder(Path(source) if source and Path(source).is_dir() else None,
+                                       **(robust if isinstance(robust, dict) else {}))
+        if m.closed_form:
+            if not hasattr(m, "apply_robust"):
+                raise ObliviateError(f"--robust: {method!r} is closed-form and has no robust variant")
+        else:
+            adversary.check(m)
     with PeakMemory(pipe.device) as memory:
         if m.closed_form:
-            stats = m.apply(ctx)
+            stats = m.apply_robust(ctx, adversary) if adversary else m.apply(ctx)
         else:
             m.prepare(ctx)
+            if adversary:
+                adversary.prepare(ctx)
             stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                          resume=resume, refresh=plugin)
+                          resume=resume, refresh=plugin, robust=adversary)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False).eval()
     seconds = round(time.time() - start, 2)
     entry = LedgerEntry(
         step=len(ledger.entries) + 1, method=method, request=resolved.to_json(),
         settings={**m.settings(), "seed": seed, "processes": accelerator.num_processes,
-                  **({"refresh": plugin.settings()} if plugin else {})},
+                  **({"refresh": plugin.settings()} if plugin else {}),
+                  **({"robust": adversary.settings()} if adversary else {})},
         seconds=seconds, peak_memory_mb=round(memory.peak_mb, 1),
         parent_sha256=parent_sha, weights_sha256=weights_sha256(pipe), storage=save,
         bytes_stored=0, out=str(out.resolve()) if out else "",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
     if out and accelerator.is_main_process:
-        entry = save_model(pipe, out, ledger, entry, overwrite=overwrite, refresh=plugin)
+        entry = save_model(pipe, out, ledger, entry, overwrite=overwrite, refresh=plugin, robust=adversary)
     if checkpoint_dir and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     ledger = ledger.append(entry)
@@ -159,8 +179,8 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None,
-               storage: str = "full", overwrite: bool = False, refresh: Refresh | None = None
-               ) -> LedgerEntry | None:
+               storage: str = "full", overwrite: bool = False, refresh: Refresh | None = None,
+               robust: Robust | None = None) -> LedgerEntry | None:
     """Write `pipe` with its ledger (plus `entry`, if given) to `out` atomically.
 
     `storage="delta"` writes only the tensors that differ from the lineage's base, with the
@@ -181,6 +201,8 @@ def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None
         (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
         if refresh is not None:
             refresh.save(tmp)
+        if robust is not None:
+            robust.save(tmp)
         if entry is not None:
             entry = LedgerEntry(**{**entry.__dict__, "bytes_stored": _folder_bytes(tmp)})
             ledger = ledger.append(entry)

@@ -56,10 +56,46 @@ def _line_plot(result: dict, key: str, ylabel: str) -> bytes:
     return buffer.getvalue()
 
 
+def _robustness_plot(result: dict) -> bytes:
+    """Bars per method: lowest UA, kept (never-removed / base), worst-case recovery."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .bench import robustness_summary
+
+    summary = robustness_summary(result)
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    keys = (("lowest_ua", "lowest UA"), ("kept", "kept / base"), ("softprompt", "soft-prompt recovery"),
+            ("hardprompt", "hard-prompt recovery"), ("upper_bound", "upper bound"))
+    width = 0.8 / len(keys)
+    for j, (key, label) in enumerate(keys):
+        values = [s[key] if s[key] is not None else np.nan for s in summary]
+        ax.bar(np.arange(len(summary)) + j * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(summary)) + 0.4 - width / 2, [s["method"] for s in summary], rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _worst_soft(r: dict) -> str:
+    """The soft-prompt ladder's worst case and its rung, for the attack table."""
+    if "softprompt" not in r:
+        return ""
+    worst = r["softprompt"]["worst"]
+    return f"{worst['accuracy']:.2f} ({html.escape(worst['label'])})"
 
 
 def write_report(result: dict, folder: str | Path, command: str = "") -> Path:
@@ -107,15 +143,23 @@ def write_report(result: dict, folder: str | Path, command: str = "") -> Path:
                 for concept, r in per_concept.items():
                     rows.append([html.escape(method), html.escape(concept), str(r.get("after_request", "")),
                                  f"{r['paraphrase']['ua']:.2f}" if "paraphrase" in r else "",
-                                 f"{r['softprompt']['ua']:.2f}" if "softprompt" in r else "",
+                                 _worst_soft(r),
+                                 (f"{r['hardprompt']['accuracy']:.2f} ({html.escape(r['hardprompt']['prefix'])})"
+                                  if "hardprompt" in r else ""),
+                                 f"{r['conditioning']['accuracy']:.2f}" if "conditioning" in r else "",
                                  (f"{r['resurgence']['accuracy_before']:.2f} → {r['resurgence']['accuracy_after']:.2f}"
                                   if "resurgence" in r else "")])
-            parts.append("<h2>Attacks</h2><p>UA under paraphrase and under a "
-                         "soft-prompt (textual-inversion) attack; the removed concept's accuracy before → "
-                         "after fine-tuning on unrelated concepts; each on the model after the request "
-                         "named.</p>" + _table(
-                             ["method", "concept", "after request", "paraphrase UA", "soft-prompt UA",
-                              "resurgence accuracy"], rows))
+            data = _robustness_plot(result)
+            (tmp / "robustness.png").write_bytes(data)
+            parts.append(_img(data, "lowest UA, kept and worst-case recovery per method"))
+            parts.append("<h2>Attacks</h2><p>UA under paraphrase; the removed concept's accuracy "
+                         "(recovery) under the strongest rung of the soft-prompt ladder, under a searched "
+                         "prefix of real words, and under the white-box upper bound (a perturbation of the "
+                         "text encoder's output); its accuracy before → after fine-tuning on unrelated "
+                         "concepts; each on the model after the request named.</p>" + _table(
+                             ["method", "concept", "after request", "paraphrase UA",
+                              "soft-prompt worst-case recovery", "hard-prompt recovery",
+                              "upper bound (conditioning)", "resurgence accuracy"], rows))
         # grids
         grids = result.get("grids", {})
         if grids:

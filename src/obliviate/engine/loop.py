@@ -11,6 +11,7 @@ Checkpoints (trainable tensors, optimizer, method state) are safetensors + JSON.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,11 +35,13 @@ def shard(batch, rank: int, world: int):
 
 def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
           checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-          refresh=None) -> dict:
+          refresh=None, robust=None) -> dict:
     """Run `method` for `steps` optimiser steps on `ctx.pipe`; returns loss history and timing.
 
     With `refresh` (an `engine.refresh.Refresh`), every step is preceded by its unlearn
-    perturbation computed on the same batch.
+    perturbation computed on the same batch. With `robust` (an `engine.robust.Robust`), soft
+    prompts that bring the targets back are mined on the current weights every few steps,
+    and a share of the method's forget prompts uses them.
     """
     acc = ctx.accelerator
     params = freeze_all_but(ctx.pipe, method.param_group)
@@ -59,14 +62,22 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
     step = start
     for step in range(start, steps):
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
-        batch = shard(method.batch(ctx, batch_size, generator), acc.process_index, acc.num_processes)
+        batch = method.batch(ctx, batch_size, generator)
+        adversarial = nullcontext()
+        if robust is not None:
+            robust.mine(ctx, step)
+            batch, ids, vectors = robust.adversarial(method, batch, generator)
+            adversarial = robust.active(ctx, ids, vectors)
+        batch = shard(batch, acc.process_index, acc.num_processes)
         if refresh is not None:
-            with acc.autocast():
+            with acc.autocast(), adversarial:
                 grads = torch.autograd.grad(sum(method.loss(ctx, batch).values()), plist, allow_unused=True)
             grads = [acc.reduce(g, reduction="mean") if g is not None and acc.num_processes > 1 else g
                      for g in grads]
             refresh.unlearn(names, plist, grads, generator)
-        with acc.autocast():
+        if robust is not None:
+            adversarial = robust.active(ctx, ids, vectors)
+        with acc.autocast(), adversarial:
             terms = method.loss(ctx, batch)
         total = sum(terms.values())
         if not torch.isfinite(total):

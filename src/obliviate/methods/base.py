@@ -35,6 +35,11 @@ class Method:
     batch_size: int = 8
     max_grad_norm: float | None = 1.0
     combine: Callable | None = None
+    # where the forget prompts sit in a batch: (sub-batch key or None for the batch itself,
+    # field); the --robust plug-in substitutes mined soft prompts there
+    forget_prompts: ClassVar[tuple[tuple[str | None, str], ...]] = ()
+    # option values the method takes under --robust unless the user sets them
+    robust_defaults: ClassVar[dict] = {}
 
     def prepare(self, ctx) -> None:
         """Build prompts and cached data, take frozen copies; runs before any update."""

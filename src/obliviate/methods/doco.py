@@ -78,6 +78,7 @@ class PatchDiscriminator(nn.Module):
 @dataclass
 class DoCo(Method):
     name: ClassVar[str] = "doco"
+    forget_prompts: ClassVar = ((None, "p_tgt"),)
     param_group: str = "attn2-kv"
     steps: int = 160
     lr: float = 3e-3

@@ -43,6 +43,8 @@ from .base import Method, register
 @dataclass
 class DUGE(Method):
     name: ClassVar[str] = "duge"
+    forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"))
+    robust_defaults: ClassVar = {"prior_target": "attention"}
     param_group: str = "attn2-kv"
     steps: int = 60
     lr: float = 2e-3
@@ -103,13 +105,15 @@ class DUGE(Method):
             out[key] = ctx.draw(sub, generator)
         return out
 
-    def attention_loss(self, ctx, sub) -> torch.Tensor:
-        """Mean over cross-attention layers of θ(c_tgt) vs φ(c_anc) attention mismatch."""
+    def attention_loss(self, ctx, sub, keep: str | None = None) -> torch.Tensor:
+        """Mean over cross-attention layers of θ(c_tgt) vs φ(c_anc) attention mismatch; with
+        `keep` (a prompt field), θ(c) vs φ(c) on those prompts (attention preservation)."""
         x_t, _, t = ctx.noisy(sub)
+        mine, theirs = (keep, keep) if keep else ("p_tgt", "p_anc")
         with capture_cross_attention(ctx.frozen("unet")) as ref:
-            ctx.eps(x_t, t, ctx.encode(sub["p_anc"], frozen=True), frozen=True)
+            ctx.eps(x_t, t, ctx.encode(sub[theirs], frozen=True), frozen=True)
         with capture_cross_attention(ctx.pipe.unet) as cur:
-            ctx.eps(x_t, t, ctx.encode(sub["p_tgt"]))
+            ctx.eps(x_t, t, ctx.encode(sub[mine]))
         per_layer = []
         for name, r in ref.items():
             c, term = cur[name], 0.0
@@ -121,9 +125,12 @@ class DUGE(Method):
         return torch.stack(per_layer).mean()
 
     def preservation_loss(self, ctx, sub) -> torch.Tensor:
-        """Denoising loss on the sub-batch's images ("data"), or distance to φ ("teacher")."""
+        """Denoising loss on the sub-batch's images ("data"), distance to φ's prediction
+        ("teacher"), or to φ's cross-attention, on the scale of L_attn ("attention")."""
         if self.prior_target == "data":
             return ctx.diffusion_loss(sub)
+        if self.prior_target == "attention":
+            return self.attention_loss(ctx, sub, keep="prompts")
         x_t, _, t = ctx.noisy(sub)
         want = ctx.eps(x_t, t, ctx.encode(sub["prompts"], frozen=True), frozen=True)
         return (ctx.eps(x_t, t, ctx.encode(sub["prompts"])) - want).pow(2).mean()

@@ -26,6 +26,7 @@ from .base import Method, register
 @dataclass
 class ESD(Method):
     name: ClassVar[str] = "esd"
+    forget_prompts: ClassVar = ((None, "prompts"),)
     variant: str = "auto"
     eta: float = 1.0
     steps: int = 100
@@ -59,7 +60,7 @@ class ESD(Method):
 
     def loss(self, ctx, batch):
         x_t, _, t = ctx.noisy(batch)
-        cond_frozen = ctx.encode(batch["prompts"], frozen=True)
+        cond_frozen = ctx.encode(batch.get("_plain_prompts", batch["prompts"]), frozen=True)
         e_c = ctx.eps(x_t, t, cond_frozen, frozen=True)
         e_0 = ctx.eps(x_t, t, self._null.expand(len(x_t), -1, -1), frozen=True)
         target = e_0 - self.eta * (e_c - e_0)

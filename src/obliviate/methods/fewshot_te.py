@@ -61,6 +61,7 @@ from .base import Method, register
 @dataclass
 class FewShotTextEncoder(Method):
     name: ClassVar[str] = "fewshot-te"
+    forget_prompts: ClassVar = ((None, "prompts"),)
     param_group: str = "text-mlp"
     steps: int = 80
     lr: float = 1e-3

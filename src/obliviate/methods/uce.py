@@ -9,6 +9,8 @@ in a causal CLIP the positions after the concept word carry it too); positions b
 concept word are identical in target and anchor prompt, so they act as preservation.
 Continual: the states of earlier targets are preserved with their current (already edited)
 mapping, so an earlier removal stays removed.
+Robust (`--robust`, `apply_robust`): RECE-style rounds that solve for the text state the
+edited layers still map to the target's keys and values and erase it too.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ class UCE(Method):
     prompts_per_target: int = 16
     prompts_per_preserved: int = 8
     memory_prompts: int = 32
+    rece_rounds: int = 3
+    rece_lambda: float = 0.1
+    robust_mode: str = "rece"
 
-    @torch.no_grad()
-    def apply(self, ctx) -> dict:
+    def _columns(self, ctx, with_pairs: bool = False):
+        """Text-encoder states (one column per token position) of the target prompts, their
+        anchors, and everything to preserve, from the model before this request."""
         rng = np.random.default_rng(ctx.seed)
         req, world = ctx.request, ctx.world
         pairs = [p for t, a in zip(req.targets, req.anchors)
@@ -47,17 +53,84 @@ class UCE(Method):
         keep += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
                  for t, _ in world.prompt_pairs(tg, a, self.prompts_per_target // 2, rng)]
         flat = lambda h: h.reshape(-1, h.shape[-1]).double()  # noqa: E731
-        c_e = flat(ctx.encode([t for t, _ in pairs], frozen=True))
-        c_g = flat(ctx.encode([a for _, a in pairs], frozen=True))
-        c_p = flat(ctx.encode(keep, frozen=True))
+        states = (flat(ctx.encode([t for t, _ in pairs], frozen=True)),
+                  flat(ctx.encode([a for _, a in pairs], frozen=True)), flat(ctx.encode(keep, frozen=True)))
+        return (*states, pairs) if with_pairs else states
+
+    def _edit(self, ctx, originals: dict, c_e, c_g, c_p) -> int:
+        """Set every K/V projection to the UCE solution from its weights before the request."""
         eye = torch.eye(c_e.shape[1], dtype=torch.float64, device=c_e.device)
         rhs = self.lam * eye + self.erase_scale * c_e.T @ c_e + self.preserve_scale * c_p.T @ c_p
-        rhs_inv = torch.linalg.inv(rhs)
         guide = self.erase_scale * c_g.T @ c_e + self.preserve_scale * c_p.T @ c_p + self.lam * eye
-        edited = 0
-        for name, module in ctx.pipe.unet.named_modules():
-            if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
-                w = module.weight.double()
-                module.weight.copy_((w @ guide @ rhs_inv).to(module.weight.dtype))
-                edited += 1
+        rhs_inv = torch.linalg.inv(rhs)
+        for module, w in originals.values():
+            module.weight.copy_((w @ guide @ rhs_inv).to(module.weight.dtype))
+        return len(originals)
+
+    @staticmethod
+    def _projections(ctx) -> dict:
+        return {name: (module, module.weight.double().clone()) for name, module in ctx.pipe.unet.named_modules()
+                if name.endswith("attn2.to_k") or name.endswith("attn2.to_v")}
+
+    @torch.no_grad()
+    def apply(self, ctx) -> dict:
+        c_e, c_g, c_p = self._columns(ctx)
+        edited = self._edit(ctx, self._projections(ctx), c_e, c_g, c_p)
         return {"layers_edited": edited, "columns_erased": len(c_e), "columns_preserved": len(c_p)}
+
+    @torch.no_grad()
+    def apply_robust(self, ctx, robust=None) -> dict:
+        """RECE-style rounds: after each edit, the text state that still regenerates the
+        target's keys and values is solved for in closed form,
+            c* = (Σ_l W_lᵀW_l + λ·s·I)⁻¹ Σ_l W_lᵀ W_l,old c,   s = mean_l ‖W_l‖²_F / d,
+        over every K/V projection l, for every target column c, and added to the columns
+        mapped to the anchor; the edit is then solved again from the weights before the
+        request (`rece_rounds` times)."""
+        if self.robust_mode == "mined":
+            return self._apply_mined(ctx, robust)
+        c_e, c_g, c_p = self._columns(ctx)
+        originals = self._projections(ctx)
+        erase, guides = c_e, c_g
+        edited, norms = self._edit(ctx, originals, erase, guides, c_p), []
+        d = c_e.shape[1]
+        for _ in range(self.rece_rounds):
+            gram = sum(m.weight.double().T @ m.weight.double() for m, _ in originals.values())
+            cross = sum(m.weight.double().T @ w for m, w in originals.values())
+            scale = float(torch.trace(gram)) / d
+            eye = torch.eye(d, dtype=torch.float64, device=c_e.device)
+            found = (torch.linalg.solve(gram + self.rece_lambda * scale * eye, cross @ c_e.T)).T
+            norms.append(float(found.norm(dim=1).mean() / c_e.norm(dim=1).mean()))
+            erase, guides = torch.cat([erase, found]), torch.cat([guides, c_g])
+            self._edit(ctx, originals, erase, guides, c_p)
+        return {"layers_edited": edited, "columns_erased": len(erase), "columns_preserved": len(c_p),
+                "rece_rounds": self.rece_rounds, "rece_norm_ratio": norms}
+
+    @torch.no_grad()
+    def _apply_mined(self, ctx, robust) -> dict:
+        """Robust rounds with a gradient attack inside: after each edit, the `--robust`
+        plug-in mines one-token soft prompts for each target on the edited model; the target
+        prompts with the word replaced by each of them become more columns mapped to the
+        anchor, and the edit is solved again from the weights before the request."""
+        from ..engine.robust import Robust, _word, put
+        from ..evaluate.softprompt import soft_tokens
+
+        robust = robust or Robust()
+        robust.tokens, robust.vary_tokens = 1, False  # one token keeps the positions aligned with the anchor
+        robust.prepare(ctx)
+        c_e, c_g, c_p, pairs = self._columns(ctx, with_pairs=True)
+        originals = self._projections(ctx)
+        erase, guides = c_e, c_g
+        edited = self._edit(ctx, originals, erase, guides, c_p)
+        (slot, slot_id), text = robust._slots[0], ctx.pipe.text_encoder
+        for r in range(self.rece_rounds):
+            with torch.enable_grad():
+                robust.mine(ctx, r * robust.every)
+            for name in ctx.request.names:
+                word, vec = _word(name), robust.vectors[name][-1]
+                prompts = [put(word, slot, t) for t, _ in pairs]
+                with soft_tokens(text, [slot_id], vec.to(ctx.device)):
+                    found = ctx.encode(prompts).reshape(-1, c_e.shape[1]).double()
+                erase, guides = torch.cat([erase, found]), torch.cat([guides, c_g])
+            self._edit(ctx, originals, erase, guides, c_p)
+        return {"layers_edited": edited, "columns_erased": len(erase), "columns_preserved": len(c_p),
+                "rounds": self.rece_rounds, "robust_mode": "mined"}

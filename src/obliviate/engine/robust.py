@@ -1,0 +1,203 @@
+"""`--robust`: adversarial erasure as an engine plug-in any gradient method can take.
+
+During a request, an inner attack mines soft prompts that bring each target back on the
+weights being edited (textual inversion, `evaluate.softprompt.invert`, on images the
+lineage's original model draws for prompts naming the target), and the method's own forget
+term is applied to them too: in each step a share `share` of the forget prompts (the
+sub-batch fields a method declares in `forget_prompts`) has the target's word replaced by
+one of the mined soft prompts, while the preservation terms are left as they are. Every
+`every` steps the attack is run again, `mine_steps` steps from the newest soft prompt of
+the target (so it follows the weights), and every third time `first_steps` steps from a
+fresh start (the word, a neutral word, random in turn; with `vary_tokens`, 1, 2 and 4
+tokens in turn) so the pool stays diverse; the newest `pool` soft prompts per target are
+kept.
+
+Continual: the pool is written beside the model (`robust_prompts.safetensors`) and read
+back by the next request of the lineage; soft prompts of earlier targets are substituted in
+the method's replay of earlier targets (DUGE's rebound term), so they stay defended.
+Choices and what they cost are in docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ObliviateError
+
+PROMPTS_FILE = "robust_prompts.safetensors"
+# characters the defence uses as soft-token slots (single tokens no caption uses); the
+# first four are the attack's own placeholders, which a defence does not need
+SLOTS = tuple("$%&*@!?+=<>{}[]()/:;_`")
+INITS = ("concept", "neutral", "random")
+
+
+def _slots(tokenizer) -> list[tuple[str, int]]:
+    """(character, token id) of every slot character the tokenizer reads as one token."""
+    found = []
+    for ch in SLOTS:
+        got = tokenizer(ch, add_special_tokens=False).input_ids
+        if len(got) == 1:
+            found.append((ch, got[0]))
+    return found
+
+
+@dataclass
+class Robust:
+    """Settings and the pool of mined soft prompts ({target: [tensor (tokens, width)]})."""
+
+    every: int = 10
+    mine_steps: int = 20
+    first_steps: int = 60
+    tokens: int = 2
+    vary_tokens: bool = False
+    pool: int = 4
+    share: float = 0.5
+    lr: float = 0.1
+    batch_size: int = 16
+    prompts: int = 32
+    t_low: int = 100
+    t_high: int = 900
+    vectors: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    _data: dict = field(default_factory=dict, repr=False)
+    _round: int = 0
+
+    def settings(self) -> dict:
+        keys = ("every", "mine_steps", "first_steps", "tokens", "vary_tokens", "pool", "share", "lr", "batch_size",
+                "prompts", "t_low", "t_high")
+        return {k: getattr(self, k) for k in keys}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def check(self, method) -> None:
+        """Refuse a method that does not say where its forget prompts are."""
+        if not getattr(method, "forget_prompts", ()):
+            raise ObliviateError(f"--robust needs a method that declares its forget prompts; "
+                                 f"{method.name!r} does not (use duge, esd, doco, rgd or fewshot-te)")
+        if not 1 <= self.tokens <= 4 or self.every < 1 or self.mine_steps < 0 or not 0 < self.share <= 1:
+            raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps >= 0, 0 < share <= 1")
+
+    def prepare(self, ctx) -> None:
+        """Training data of every target the lineage has removed (this request's too): what the
+        original model draws for prompts naming it, the captions with the word as a slot."""
+        rng = np.random.default_rng(ctx.seed + 17)
+        self._slots = _slots(ctx.tokenizer)
+        for name in ctx.removed:
+            prompts = ctx.world.prompts_naming(name, self.prompts, rng)
+            pattern = _word(name)
+            captions = [put(pattern, "{}", p) for p in prompts]
+            self._data[name] = {"latents": ctx.base_latents(prompts), "captions": captions}
+        self._current = list(ctx.request.names)
+
+    # -- mining ------------------------------------------------------------------------------
+    def mine(self, ctx, step: int) -> None:
+        """Run the inner attack against the current weights for every target of this request."""
+        if step % self.every:
+            return
+        from ..evaluate.softprompt import initial_vectors, invert
+
+        unet, text = ctx.pipe.unet, ctx.pipe.text_encoder
+        generator = torch.Generator().manual_seed(ctx.seed * 7919 + step)
+        for name in self._current:
+            pool = self.vectors.setdefault(name, [])
+            fresh = not pool or self._round % 3 == 0
+            if fresh:
+                fresh_round = self._round // 3
+                init = INITS[fresh_round % len(INITS)]
+                n = (1, 2, 4)[fresh_round % 3] if self.vary_tokens else self.tokens
+                start = initial_vectors(text, ctx.tokenizer, init, name.split()[-1], n, generator)
+            else:
+                start = pool[-1].to(ctx.device)
+            ids = [i for _, i in self._slots[: len(start)]]
+            slot = " ".join(ch for ch, _ in self._slots[: len(start)])
+            data = self._data[name]
+            caption_ids = ctx.token_ids([c.format(slot) for c in data["captions"]])
+            vec, _, _ = invert(unet, text, ctx.noise_scheduler, data["latents"].to(ctx.device), caption_ids,
+                               ids, start, self.first_steps if fresh else self.mine_steps, generator,
+                               lr=self.lr, batch_size=self.batch_size, t_range=(self.t_low, self.t_high))
+            pool.append(vec.detach().cpu())
+            del pool[: -self.pool]
+        self._round += 1
+
+    # -- the adversarial batch ---------------------------------------------------------------
+    def adversarial(self, method, batch: dict, generator: torch.Generator) -> tuple[dict, list[int], torch.Tensor]:
+        """`batch` with a share of its forget prompts naming a target through a mined soft
+        prompt; returns it, the slot token ids used and their vectors (for `soft_tokens`)."""
+        words = {name: _word(name) for name in self.vectors if self.vectors[name]}
+        used_ids, used_vectors, next_slot = [], [], 0
+        batch = dict(batch)
+        for key, fld in method.forget_prompts:
+            if key is not None and key not in batch:
+                continue
+            sub = dict(batch[key]) if key is not None else batch
+            prompts = list(sub[fld])
+            draws = torch.rand(len(prompts), generator=generator).tolist()
+            picks = torch.randint(0, 1 << 30, (len(prompts),), generator=generator).tolist()
+            for i, prompt in enumerate(prompts):
+                name = next((n for n, w in words.items() if w.search(prompt)), None)
+                if name is None or draws[i] >= self.share:
+                    continue
+                pool = self.vectors[name]
+                vec = pool[picks[i] % len(pool)]
+                if next_slot + len(vec) > len(self._slots):
+                    break
+                slots = self._slots[next_slot: next_slot + len(vec)]
+                next_slot += len(vec)
+                used_ids += [i for _, i in slots]
+                used_vectors.append(vec)
+                prompts[i] = put(words[name], " ".join(ch for ch, _ in slots), prompt)
+            sub.setdefault(f"_plain_{fld}", sub[fld])
+            sub[fld] = prompts
+            if key is not None:
+                batch[key] = sub
+            else:
+                batch = sub
+        vectors = torch.cat(used_vectors) if used_vectors else torch.zeros(0)
+        return batch, used_ids, vectors
+
+    @contextmanager
+    def active(self, ctx, ids: list[int], vectors: torch.Tensor):
+        """Within the block, θ's text encoder reads the slot tokens as the mined vectors."""
+        if not ids:
+            yield
+            return
+        from ..evaluate.softprompt import soft_tokens
+
+        with soft_tokens(ctx.pipe.text_encoder, ids, vectors.to(ctx.device)):
+            yield
+
+    # -- lineage -----------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """The pool, per target, beside the model."""
+        tensors = {f"{name}.{i}": v.contiguous() for name, pool in self.vectors.items()
+                   for i, v in enumerate(pool)}
+        if tensors:
+            save_file(tensors, Path(folder) / PROMPTS_FILE,
+                      metadata={"targets": json.dumps(sorted(self.vectors)), "tokens": str(self.tokens)})
+
+    @classmethod
+    def from_folder(cls, folder: Path | None, **settings) -> "Robust":
+        """A Robust carrying the soft prompts earlier requests of the lineage mined, if any."""
+        vectors: dict[str, list[torch.Tensor]] = {}
+        path = Path(folder) / PROMPTS_FILE if folder else None
+        if path and path.exists():
+            for key, value in sorted(load_file(path).items(), key=lambda kv: (kv[0].rpartition('.')[0], int(kv[0].rpartition('.')[2]))):
+                name = key.rpartition(".")[0]
+                vectors.setdefault(name, []).append(value)
+        return cls(vectors=vectors, **settings)
+
+
+def _word(name: str) -> re.Pattern:
+    return re.compile(rf"\b{re.escape(name)}\b")
+
+
+def put(word: re.Pattern, slot: str, prompt: str) -> str:
+    """`prompt` with its first `word` replaced by `slot`, kept apart from any punctuation
+    after it (the tokenizer would merge "$," into one token that is not the slot)."""
+    return re.sub(r" {2,}", " ", word.sub(slot + " ", prompt, count=1)).strip()

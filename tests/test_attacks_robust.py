@@ -1,0 +1,110 @@
+"""The attack suite (soft-prompt ladder, hard prompt, upper bound) and the --robust plug-in."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from obliviate import load_pipeline
+from obliviate.cli import main
+from obliviate.engine.robust import PROMPTS_FILE
+from obliviate.erase import erase
+from obliviate.evaluate import softprompt
+from obliviate.evaluate.softprompt import Rung, SoftPromptAttack, softprompt_ladder
+from obliviate.evaluate.textattacks import conditioning_attack, hardprompt_attack
+from obliviate.ledger import Ledger, pipeline_state
+from obliviate.request import Request
+from obliviate.shapes import vocab
+from sd_tiny import save_tiny_sd
+
+TINY_ROBUST = {"every": 2, "mine_steps": 2, "first_steps": 3, "batch_size": 2, "prompts": 4}
+
+
+@pytest.fixture()
+def shapes_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    return save_tiny_sd(tmp_path / "shapes-base", world="shapes")
+
+
+def test_robust_mines_soft_prompts_and_carries_them_down_the_lineage(shapes_base, tmp_path):
+    pipe = load_pipeline(shapes_base)
+    erase(pipe, Request(("star",)), out=tmp_path / "1", robust=TINY_ROBUST, steps=4, batch_size=2,
+          progress=False)
+    first = load_file(tmp_path / "1" / PROMPTS_FILE)
+    assert sorted(first) == ["star.0", "star.1"]  # mined at steps 0 and 2
+    assert Ledger.load(tmp_path / "1").entries[0].settings["robust"]["every"] == 2
+    erase(load_pipeline(tmp_path / "1"), Request(("striped",)), out=tmp_path / "2", robust=TINY_ROBUST,
+          steps=4, batch_size=2, progress=False)
+    second = load_file(tmp_path / "2" / PROMPTS_FILE)
+    assert {k for k in second if k.startswith("striped.")} == {"striped.0", "striped.1"}
+    # the earlier target's soft prompts are kept in the lineage (and defended again)
+    assert all((second[k] == first[k]).all() for k in first)
+
+
+def test_robust_wraps_esd_and_uce_has_a_closed_form_variant(shapes_base, tmp_path):
+    pipe = load_pipeline(shapes_base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    erase(pipe, Request(("star",)), method="esd", options={"variant": "x"}, robust=TINY_ROBUST, steps=4,
+          batch_size=2, progress=False)
+    changed = {k for k, v in pipeline_state(pipe).items() if not (v == before[k]).all()}
+    assert changed and all(".attn2." in k for k in changed)
+    plain, robust = load_pipeline(shapes_base), load_pipeline(shapes_base)
+    erase(plain, Request(("star",)), method="uce", progress=False)
+    result = erase(robust, Request(("star",)), method="uce", robust=True, progress=False)
+    assert result.stats["rece_rounds"] == 3 and result.stats["columns_erased"] > 3 * 16
+    assert pipeline_state(plain).keys() == pipeline_state(robust).keys()
+    assert any(not (pipeline_state(plain)[k] == v).all() for k, v in pipeline_state(robust).items())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--robust", "--robust-set", "tokens=9"], "tokens 1-4"),
+    (["--robust", "--refresh", "--method", "uce"], "closed-form"),
+])
+def test_bad_robust_settings_are_one_line_exit_2(shapes_base, tmp_path, capsys, args, message):
+    code = main(["erase", "--model", str(shapes_base), "--concept", "star", "--out", str(tmp_path / "o"),
+                 "--steps", "2", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_ladder_reports_every_rung_and_the_worst(shapes_pipe, shapes_judge, monkeypatch):
+    ladder = (Rung(1, (2, 4), "neutral"), Rung(2, (3,), "random"))
+    monkeypatch.setitem(softprompt.LADDERS, "quick", ladder)
+    result = softprompt_ladder(copy.deepcopy(shapes_pipe), shapes_judge, "star", "quick", n_eval=4)
+    assert [(r["tokens"], r["steps"], r["init"]) for r in result["rungs"]] == \
+        [(1, 2, "neutral"), (1, 4, "neutral"), (2, 3, "random")]
+    assert result["worst"]["accuracy"] == max(r["accuracy"] for r in result["rungs"])
+    assert all(0 <= r["accuracy"] <= 1 and r["n"] == 4 for r in result["rungs"])
+    full = softprompt.LADDERS["full"]
+    assert {(r.tokens, r.init, r.data) for r in full} == {
+        (t, i, d) for t in (1, 2, 4) for i in ("concept", "neutral", "random") for d in ("rendered", "original")}
+    assert all(r.steps == (300, 1000) for r in full)
+
+
+def test_hard_prompt_is_real_words_and_the_upper_bound_runs(shapes_pipe, shapes_judge):
+    pipe = copy.deepcopy(shapes_pipe)
+    hard = hardprompt_attack(pipe, shapes_judge, "star", iterations=2, candidates=4, n_eval=4)
+    words = hard["prefix"].split()
+    assert len(words) == 3 and all(w in vocab.all_words() for w in words)
+    assert not set(words) & set(vocab.concept("star").words)
+    bound = conditioning_attack(pipe, shapes_judge, "star", steps=3, n_eval=4)
+    assert 0 <= bound["accuracy"] <= 1 and bound["delta_norm_ratio"] > 0
+
+
+def test_sanity_rung_recovers_star_on_the_shipped_model_and_after_uce(shapes_pipe, shapes_judge, tmp_path,
+                                                                      monkeypatch):
+    """No defence may be graded by a weak attack: from a neutral word, 300 steps of the
+    ladder's 2-token rung bring star back on the unedited model and on plain UCE's."""
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    rung = SoftPromptAttack(tokens=2, steps=300, init="neutral")
+    unedited = rung.run(copy.deepcopy(shapes_pipe), shapes_judge, "star")
+    assert unedited["accuracy"] >= 0.9, unedited
+    pipe = copy.deepcopy(shapes_pipe)
+    erase(pipe, Request(("star",)), method="uce", progress=False)
+    after_uce = rung.run(pipe, shapes_judge, "star")
+    assert after_uce["accuracy"] >= 0.75, after_uce
+    json.dumps([unedited, after_uce])
