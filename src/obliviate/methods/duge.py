@@ -43,6 +43,8 @@ from .base import Method, register
 @dataclass
 class DUGE(Method):
     name: ClassVar[str] = "duge"
+    option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
+                                                  "prior_target": ("teacher", "data")}
     param_group: str = "attn2-kv"
     steps: int = 60
     lr: float = 2e-3

@@ -107,6 +107,7 @@ from .base import Method, register
 @dataclass
 class RGD(Method):
     name: ClassVar[str] = "rgd"
+    option_choices: ClassVar[dict[str, tuple]] = {"remain_target": ("data", "teacher")}
     param_group: str = "unet"
     steps: int = 60
     lr: float = 1e-4
