@@ -241,8 +241,7 @@ def _cmd_guard(args: argparse.Namespace) -> None:
     from .methods.freeze_guard import FreezeAsGuard
     from .pipeline import load_pipeline
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_output_folder(args.out, "--out", overwrite=args.overwrite)
     pipe = load_pipeline(args.model)
     illegal = _training_data(pipe, args.illegal_data, args.concept, args.images, args.seed)
     legal = _training_data(pipe, args.legal_data, args.legal, args.images, args.seed + 1)
@@ -266,8 +265,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from .methods.freeze_guard import GuardMask
     from .pipeline import load_pipeline
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_output_folder(args.out, "--out", overwrite=args.overwrite)
     check_device(args.device)
     pipe = load_pipeline(args.model, device=args.device)
     data = _training_data(pipe, args.data, args.concepts, args.images, args.seed)
@@ -288,6 +286,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench, table, to_json
     from .report import write_report
 
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.report:
+        check_output_folder(args.report, "--report", overwrite=True)
     options = {}
     for pair in args.set or []:
         method, _, rest = pair.partition(":")
