@@ -10,6 +10,7 @@ stops at argument validation and the few that run cost a second.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -24,7 +25,8 @@ JUNK = ["", "-1", "0", "abc", "nan", "inf", "-inf", "-0.5", "1.5", "{}", "[]", "
         "x" * 200, "/dev/null", "a/b", "runs/missing", "w.ckpt", "..", "--"]
 HUGE = ["99999999999999999999999", str(2**31), str(2**64)]
 BAD_MODELS = ["nope", "runs/missing", "/no/such/folder", "w.ckpt", "afile", "adir", "", "a/b/c", "sub/"]
-BAD_OUTS = ["afile/o", "adir", "", "afile"]
+BAD_OUTS = ["afile/o", "adir", "", "afile"]  # "afile" exists: a folder output there is refused
+BAD_JSON = ["afile/o", "adir", ""]
 
 
 def base_args(kind: str, lineage) -> list[list[str]]:
@@ -74,7 +76,9 @@ def junk_for(flag: str, rng: random.Random) -> str:
         return rng.choice(HUGE)
     if flag in ("--model",):
         return rng.choice(BAD_MODELS)
-    if flag in ("--out", "--json"):
+    if flag == "--json":
+        return rng.choice(BAD_JSON)
+    if flag == "--out":
         return rng.choice(BAD_OUTS)
     if flag == "--set":
         return f"{rng.choice(SET_KEYS)}={rng.choice(JUNK)}" if rng.random() < 0.8 else rng.choice(JUNK)
@@ -94,8 +98,10 @@ def mutate(pairs: list[list[str]], kind: str, rng: random.Random) -> list[list[s
     if op == 0 and len(pairs) > 1:  # a value replaced by junk
         i = rng.randrange(1, len(pairs))
         pairs[i][-1] = junk_for(pairs[i][0] if len(pairs[i]) == 2 else "--model", rng)
-    elif op == 1 and len(pairs) > 1:  # an argument dropped
-        pairs.pop(rng.randrange(1, len(pairs)))
+    elif op == 1 and len(pairs) > 1:  # an argument dropped (not --method: the default is a slow one)
+        i = rng.randrange(1, len(pairs))
+        if pairs[i][0] != "--method":
+            pairs.pop(i)
     elif op == 2:  # an unknown flag, or a flag without its value
         pairs.append(rng.choice([["--bogus"], ["--bogus", "1"], [rng.choice(EXTRA_FLAGS[kind])], ["-"]]))
     else:  # a known flag with a bad value
@@ -183,10 +189,16 @@ def test_fuzzed_commands_exit_0_or_2_in_one_line(lineage, tmp_path, monkeypatch,
             if kind != "eval" and rng.random() < 0.8:  # most cases broken for sure: they cost nothing
                 pairs.append(rng.choice(SURELY_BAD[kind]))
             if kind == "eval":  # a valid evaluation is minutes; keep every eval case broken
-                pairs.append(["--json", rng.choice(BAD_OUTS)] if rng.random() < 0.5
+                pairs.append(["--json", rng.choice(BAD_JSON)] if rng.random() < 0.5
                              else ["--images-per-combo", rng.choice(["0", "-1", "x"])])
             argv = [a for p in pairs for a in p]
+        if argv[0] == "erase" and "--method" not in argv:  # a dropped flag: keep the run cheap
+            argv += ["--method", "uce"]
+        began = time.time()
         code = main(argv)
+        if os.environ.get("FUZZ_LOG"):  # FUZZ_LOG=FILE: each case's seconds and arguments, to find slow ones
+            with open(os.environ["FUZZ_LOG"], "a") as log:
+                log.write(f"{n} {time.time() - began:.1f} s {argv}\n")
         captured = capsys.readouterr()
         assert code in (0, 2), (n, argv, captured.err[-500:])
         codes[code] += 1
@@ -198,4 +210,7 @@ def test_fuzzed_commands_exit_0_or_2_in_one_line(lineage, tmp_path, monkeypatch,
         shutil.rmtree(case / "edited", ignore_errors=True)
     seconds = time.time() - start
     print(f"fuzz: {CASES} cases in {seconds:.0f} s, exit codes {codes}")
+    if os.environ.get("FUZZ_LOG"):
+        with open(os.environ["FUZZ_LOG"], "a") as log:
+            log.write(f"fuzz: {CASES} cases in {seconds:.0f} s, exit codes {codes}\n")
     assert codes[2] > CASES // 2

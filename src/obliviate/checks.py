@@ -74,6 +74,8 @@ def _writable_parent(path: Path, flag: str) -> None:
 def check_output_file(path: str | os.PathLike, flag: str, suffixes: tuple[str, ...] = (),
                       overwrite: bool = True) -> Path:
     """A file output: right suffix, not a folder, its folder writable (or creatable)."""
+    if not str(path).strip():
+        raise ObliviateError(f"{flag} is empty; name the file to write")
     out = Path(path)
     if suffixes and out.suffix.lower() not in suffixes:
         raise ObliviateError(f"{flag} {out} must end in {' or '.join(suffixes)}")

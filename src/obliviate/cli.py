@@ -45,7 +45,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate.evaluation import evaluate_model
     from .pipeline import load_pipeline
 
-    if args.json:
+    if args.json is not None:
         check_output_file(args.json, "--json")
     for flag, value in (("--images-per-combo", args.images_per_combo), ("--batch-size", args.batch_size),
                         ("--images-per-concept", args.images_per_concept)):
@@ -286,9 +286,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench, table, to_json
     from .report import write_report
 
-    if args.json:
+    if args.json is not None:
         check_output_file(args.json, "--json")
-    if args.report:
+    if args.report is not None:
         check_output_folder(args.report, "--report", overwrite=True)
     options = {}
     for pair in args.set or []:
