@@ -38,3 +38,20 @@ def tiny_pipe():
     tok = build_tokenizer()
     text = build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id)
     return assemble_pipeline(build_vae(), build_unet(text.config.hidden_size), text, tok)
+
+
+@pytest.fixture(scope="session")
+def lineage(tmp_path_factory):
+    """A tiny shapes-world base folder and two UCE steps on it (full, then delta): base, 1, 2."""
+    from obliviate.cli import main
+    from sd_tiny import save_tiny_sd
+
+    root = tmp_path_factory.mktemp("lineage")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OBLIVIATE_CACHE", str(root / "cache"))
+        base = save_tiny_sd(root / "base", world="shapes")
+        assert main(["erase", "--model", str(base), "--method", "uce", "--concept", "star",
+                     "--out", str(root / "1")]) == 0
+        assert main(["erase", "--model", str(root / "1"), "--method", "uce", "--concept", "circle",
+                     "--out", str(root / "2"), "--save", "delta"]) == 0
+    return root

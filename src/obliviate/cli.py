@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from .checks import (check_at_least, check_device, check_finite, check_output_file, check_output_folder,
+                     check_seed)
 from .errors import ObliviateError
 
 
@@ -19,9 +21,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from .generate import generate_images, image_grid
     from .pipeline import load_pipeline
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise ObliviateError(f"--out {out} must end in .png or .jpg")
+    out = check_output_file(args.out, "--out", (".png", ".jpg", ".jpeg"))
+    check_at_least("-n", args.n, 1)
+    check_at_least("--columns", args.columns, 1)
+    check_at_least("--scale", args.scale, 1)
+    check_at_least("--steps", args.steps, 1)
+    check_finite("--guidance", args.guidance)
+    check_seed(args.seed)
+    check_device(args.device)
     pipe = load_pipeline(args.model, device=args.device)
     overrides = {k: v for k, v in (("num_inference_steps", args.steps),
                                    ("guidance_scale", args.guidance)) if v is not None}
@@ -38,15 +45,30 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate.evaluation import evaluate_model
     from .pipeline import load_pipeline
 
-    if args.attacks:
-        from .evaluate.attacks import check_attacks
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    for flag, value in (("--images-per-combo", args.images_per_combo), ("--batch-size", args.batch_size),
+                        ("--images-per-concept", args.images_per_concept)):
+        check_at_least(flag, value, 1)
+    check_seed(args.seed)
+    check_device(args.device)
+    attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else []
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or (args.attacks is not None and not attacks):
+        raise ObliviateError(f"--attacks {args.attacks!r}: choose from {', '.join(ATTACKS)} (comma list)")
+    concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]
+    if args.judge:
+        from .evaluate.external_judges import check_judge
 
-        check_attacks(args.attacks.split(","), args.attack_budget)
+        check_judge(args.judge)
+        if not concepts:
+            raise ObliviateError("--judge needs the concepts to evaluate: --concepts a,b,c")
+    elif args.concepts:
+        raise ObliviateError("--concepts is for real models judged with --judge clip:FOLDER or classifier:FOLDER")
     pipe = load_pipeline(args.model, device=args.device)
     if args.judge:
         from .evaluate.external_judges import evaluate_concepts, load_external_judge
 
-        concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]
         result = {"model": str(args.model), "judge": args.judge,
                   **evaluate_concepts(pipe, load_external_judge(args.judge), concepts,
                                       images_per_concept=args.images_per_concept, seed=args.seed)}
@@ -64,7 +86,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if not removed:
             raise ObliviateError(f"{args.model} has no removed concepts in a ledger; nothing to attack")
         original = load_pipeline(ledger.base, device=args.device) if args.attack_budget == "full" else None
-        result["attacks"] = run_attacks(pipe, load_judge(pipe), removed, args.attacks.split(","), seed=args.seed,
+        result["attacks"] = run_attacks(pipe, load_judge(pipe), removed, attacks, seed=args.seed,
                                         budget=args.attack_budget, original=original)
     text = json.dumps(result, indent=1)
     if args.json:
@@ -96,6 +118,7 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
         raise ObliviateError(f"{work} exists from an earlier run; pass --resume to continue it or remove it")
     if out.exists() and not args.overwrite:
         raise ObliviateError(f"{out} exists; choose another --out or pass --overwrite")
+    check_device(args.device)
     init = None
     if args.init_from:
         from .pipeline import resolve_model
@@ -118,6 +141,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"wrote {index}")
 
 
+ATTACKS = ("paraphrase", "softprompt", "hardprompt", "conditioning", "resurgence")  # evaluate.attacks.ATTACKS
+
+
 def parse_options(pairs: list[str]) -> dict:
     """`--set key=value` pairs to a dict; values parsed as JSON where they parse."""
     options = {}
@@ -134,18 +160,38 @@ def parse_options(pairs: list[str]) -> dict:
 
 def _cmd_erase(args: argparse.Namespace) -> None:
     from .erase import erase
-    from .pipeline import load_pipeline
+    from .ledger import Ledger
+    from .methods.base import get_method, set_common
+    from .pipeline import load_pipeline, resolve_model
     from .request import Request
 
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_output_folder(args.out, "--out", overwrite=args.overwrite)
+    check_at_least("--checkpoint-every", args.checkpoint_every, 0)
+    check_seed(args.seed)
+    check_device(args.device)
+    options = parse_options(args.set)
+    method = get_method(args.method, **options)
+    set_common(method, steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    robust = False
+    if args.robust_set and not args.robust:
+        raise ObliviateError("--robust-set needs --robust")
+    if args.robust:
+        from .engine.robust import Robust
+
+        robust = parse_options(args.robust_set) or True
+        Robust.checked(robust if isinstance(robust, dict) else {})
+        if method.closed_form and not hasattr(method, "apply_robust"):
+            raise ObliviateError(f"--robust: {args.method!r} is closed-form and has no robust variant")
     request = Request(tuple(args.concept or ()), args.anchor, tuple(args.preserve or ()))
+    source = resolve_model(args.model)
+    if isinstance(source, Path) and source.is_dir() and not args.new_lineage:
+        Ledger.load(source)  # a broken ledger is refused before the model is loaded
     pipe = load_pipeline(args.model, device=args.device)
     result = erase(pipe, request, method=args.method, out=args.out, steps=args.steps, lr=args.lr,
-                   batch_size=args.batch_size, seed=args.seed, options=parse_options(args.set),
+                   batch_size=args.batch_size, seed=args.seed, options=options,
                    save=args.save, overwrite=args.overwrite, new_lineage=args.new_lineage,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, refresh=args.refresh,
-                   robust=parse_options(args.robust_set) or bool(args.robust) if args.robust else False)
+                   robust=robust)
     e = result.entry
     pairs = ", ".join(f"{t['name']} -> {a or '(empty)'}" for t, a in zip(e.request["targets"], e.request["anchors"]))
     print(f"step {e.step}: {args.method} removed {pairs} in {e.seconds:.1f} s; "
@@ -155,6 +201,8 @@ def _cmd_erase(args: argparse.Namespace) -> None:
 def _cmd_ledger(args: argparse.Namespace) -> None:
     from .ledger import Ledger
 
+    if not Path(args.folder).is_dir():
+        raise ObliviateError(f"{args.folder} is not a folder; give a folder written by obliviate erase")
     ledger = Ledger.load(Path(args.folder))
     if ledger is None:
         raise ObliviateError(f"{args.folder} has no ledger.json (not written by obliviate erase)")
@@ -164,6 +212,7 @@ def _cmd_ledger(args: argparse.Namespace) -> None:
 def _cmd_rollback(args: argparse.Namespace) -> None:
     from .erase import rollback
 
+    check_output_folder(args.out, "--out", overwrite=args.overwrite)
     ledger = rollback(args.folder, args.to, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: the model after step {args.to} (sha256 {ledger.head_sha256[:12]})")
 
@@ -173,10 +222,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .ledger import Ledger
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.folder)
+    check_output_folder(args.out, "--out", overwrite=args.overwrite)
+    if not Path(args.folder).is_dir():
+        raise ObliviateError(f"{args.folder} is not a folder; give a folder written by obliviate erase")
     ledger = Ledger.load(Path(args.folder))
     if ledger is None:
         raise ObliviateError(f"{args.folder} has no ledger.json (not written by obliviate erase)")
+    if args.base and not (Path(args.folder) / "delta.safetensors").exists():
+        raise ObliviateError(f"--base is for delta folders; {args.folder} is a full folder")
+    pipe = load_pipeline(args.folder, delta_base=args.base)
     ledger.verify(pipe, args.folder)
     save_model(pipe, Path(args.out), ledger, storage="full", overwrite=args.overwrite)
     print(f"wrote {args.out} (full diffusers folder)")
@@ -201,8 +255,7 @@ def _cmd_guard(args: argparse.Namespace) -> None:
     from .methods.freeze_guard import FreezeAsGuard
     from .pipeline import load_pipeline
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_output_folder(args.out, "--out", overwrite=args.overwrite)
     pipe = load_pipeline(args.model)
     illegal = _training_data(pipe, args.illegal_data, args.concept, args.images, args.seed)
     legal = _training_data(pipe, args.legal_data, args.legal, args.images, args.seed + 1)
@@ -226,8 +279,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from .methods.freeze_guard import GuardMask
     from .pipeline import load_pipeline
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise ObliviateError(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_output_folder(args.out, "--out", overwrite=args.overwrite)
+    check_device(args.device)
     pipe = load_pipeline(args.model, device=args.device)
     data = _training_data(pipe, args.data, args.concepts, args.images, args.seed)
     mask = None if args.no_mask else GuardMask.load(Path(pipe.obliviate_source))
@@ -247,6 +300,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench, table, to_json
     from .report import write_report
 
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    if args.report is not None:
+        check_output_folder(args.report, "--report", overwrite=True)
     options = {}
     for pair in args.set or []:
         method, _, rest = pair.partition(":")
@@ -269,9 +326,17 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {index}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with usage errors as the one line `obliviate: error: ...` (exit 2)."""
+
+    def error(self, message: str):
+        """Print the problem and where to read the usage, on one line; exit 2."""
+        self.exit(2, f"obliviate: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `obliviate` command (one sub-command per job)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="obliviate", description="Remove concepts from text-to-image diffusion models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -364,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("folder")
     ex.add_argument("--out", required=True)
     ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--base", help="for a delta whose base has moved: the base's new place (its hash is checked)")
     ex.set_defaults(func=_cmd_export)
 
     gd = sub.add_parser("guard", help="FreezeAsGuard: learn which UNet tensors to freeze")
@@ -425,7 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `obliviate` console script; returns the exit code."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (exit 2) and --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         args.func(args)
     except ObliviateError as exc:

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_folder
+from .checkpoint import atomic_folder, checkpoint_meta
 from .concepts import world_for
 from .engine.context import EraseContext
 from .engine.data import LatentCache
@@ -32,7 +32,7 @@ from .engine.refresh import Refresh
 from .engine.robust import Robust
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
-from .methods.base import get_method
+from .methods.base import get_method, set_common
 from .pipeline import DELTA_FILE, load_pipeline
 from .request import Request
 from .resources import PeakMemory
@@ -104,25 +104,18 @@ def erase(
     out = Path(out) if out else None
     if out and out.exists() and not overwrite:
         raise ObliviateError(f"{out} exists; choose another --out or pass --overwrite")
-    ledger = lineage_of(pipe, new_lineage)
-    world = world_for(pipe)
-    resolved = request.resolve(world, ledger.removed())
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0:
+        raise ObliviateError(f"--checkpoint-every must be 0 (off) or a number of steps, not {checkpoint_every!r}")
     options = dict(options or {})
     if robust:
         options = {**get_method(method).robust_defaults, **options}
     m = get_method(method, **options)
-    for key, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size)):
-        if value is not None:
-            setattr(m, key, value)
+    set_common(m, steps=steps, lr=lr, batch_size=batch_size)
+    ledger = lineage_of(pipe, new_lineage)
+    world = world_for(pipe)
+    resolved = request.resolve(world, ledger.removed())
     accelerator = accelerator or Accelerator(cpu=str(pipe.device) == "cpu")
     parent_sha = ledger.head_sha256
-    start = time.time()
-    ctx = EraseContext(
-        pipe=pipe, world=world, request=resolved, history=ledger.history(), accelerator=accelerator,
-        model_sha=parent_sha, base_sha=ledger.base_sha256, cache=LatentCache(cache_dir), seed=seed,
-        base_loader=lambda: load_pipeline(ledger.base, device=pipe.device), progress=progress,
-    )
-    checkpoint_dir = out.with_name(f".{out.name}.ckpt") if out and checkpoint_every else None
     plugin = None
     if refresh:
         if m.closed_form:
@@ -140,6 +133,21 @@ def erase(
                 raise ObliviateError(f"--robust: {method!r} is closed-form and has no robust variant")
         else:
             adversary.check(m)
+    settings = {**m.settings(), "seed": seed, "processes": accelerator.num_processes,
+                **({"refresh": plugin.settings()} if plugin else {}),
+                **({"robust": adversary.settings()} if adversary else {})}
+    identity = json.loads(json.dumps({"method": method, "request": resolved.to_json(), "settings": settings,
+                                      "parent_sha256": parent_sha}, default=str))
+    checkpoint_dir = out.with_name(f".{out.name}.ckpt") if out and (checkpoint_every or resume) else None
+    earlier = checkpoint_meta(checkpoint_dir) if resume and not m.closed_form else None
+    if earlier is not None:
+        _check_same_request(checkpoint_dir, earlier, identity)
+    start = time.time()
+    ctx = EraseContext(
+        pipe=pipe, world=world, request=resolved, history=ledger.history(), accelerator=accelerator,
+        model_sha=parent_sha, base_sha=ledger.base_sha256, cache=LatentCache(cache_dir), seed=seed,
+        base_loader=lambda: load_pipeline(ledger.base, device=pipe.device), progress=progress,
+    )
     with PeakMemory(pipe.device) as memory:
         if m.closed_form:
             stats = m.apply_robust(ctx, adversary) if adversary else m.apply(ctx)
@@ -149,19 +157,25 @@ def erase(
                 adversary.prepare(ctx)
             stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                          resume=resume, refresh=plugin, robust=adversary)
+                          resume=resume, refresh=plugin, robust=adversary,
+                          checkpoint_info={"identity": identity, "started": start})
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False).eval()
-    seconds = round(time.time() - start, 2)
+    new_sha = weights_sha256(pipe)
+    if new_sha == parent_sha:
+        raise ObliviateError(
+            f"{method} left the weights unchanged, so nothing was removed and nothing was recorded; "
+            "give it steps to work with (--steps 1 or more) or a larger --lr")
+    resumed_from = stats.get("resumed_from_step") if isinstance(stats, dict) else None
+    seconds = round(time.time() - start + (stats.get("seconds_before", 0.0) if resumed_from else 0.0), 2)
     entry = LedgerEntry(
         step=len(ledger.entries) + 1, method=method, request=resolved.to_json(),
-        settings={**m.settings(), "seed": seed, "processes": accelerator.num_processes,
-                  **({"refresh": plugin.settings()} if plugin else {}),
-                  **({"robust": adversary.settings()} if adversary else {})},
+        settings=settings,
         seconds=seconds, peak_memory_mb=round(memory.peak_mb, 1),
-        parent_sha256=parent_sha, weights_sha256=weights_sha256(pipe), storage=save,
+        parent_sha256=parent_sha, weights_sha256=new_sha, storage=save,
         bytes_stored=0, out=str(out.resolve()) if out else "",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        resumed_from_step=resumed_from,
     )
     if out and accelerator.is_main_process:
         entry = save_model(pipe, out, ledger, entry, overwrite=overwrite, refresh=plugin, robust=adversary)
@@ -172,6 +186,23 @@ def erase(
     if out:
         pipe.obliviate_source = str(out)
     return EraseResult(entry, ledger, stats)
+
+
+def _check_same_request(folder: Path, meta: dict, identity: dict) -> None:
+    """Refuse to resume a checkpoint that another request (or other settings) wrote."""
+    theirs = meta.get("identity")
+    if theirs == identity:
+        return
+    if not isinstance(theirs, dict):
+        why = "it does not record which request wrote it"
+    else:
+        names = lambda r: ",".join(t.get("name", "?") for t in (r or {}).get("targets", []))  # noqa: E731
+        diff = [k for k in ("method", "request", "settings", "parent_sha256") if theirs.get(k) != identity.get(k)]
+        what = {"method": f"method {theirs.get('method')}", "request": f"request {names(theirs.get('request'))}",
+                "settings": "other settings or seed", "parent_sha256": "another parent model"}
+        why = "it belongs to " + ", ".join(what[k] for k in diff)
+    raise ObliviateError(f"--resume: the checkpoint {folder} is not of this request ({why}); repeat that "
+                         f"request to resume it, or remove {folder} to start over")
 
 
 def _folder_bytes(folder: Path) -> int:

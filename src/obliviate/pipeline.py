@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -77,14 +80,51 @@ def resolve_model(model: str | os.PathLike) -> Path | str:
                 f"{path} holds only pickle weights ({pickles[0].name}); convert them to safetensors"
             )
         return path
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    if looks_like_hub_id:
-        return text
     known = ", ".join(SHIPPED)
+    first = Path(text.split("/", 1)[0]).expanduser()
+    if could_be_hub_id(text) and not first.exists():
+        return text
+    if "/" in text or os.sep in text or first.exists():
+        raise ObliviateError(
+            f"model {text!r} not found: the folder {text} does not exist; check the path (give a diffusers folder, a .safetensors "
+            f"file or a shipped model name: {known})")
     raise ObliviateError(
         f"model {text!r} not found: give a diffusers folder, a .safetensors file, a hub id, "
         f"or a shipped model name ({known})"
     )
+
+
+def could_be_hub_id(text: str) -> bool:
+    """Whether `text` has the form of a hub id (`owner/name`), not of a local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}", text) is not None and ".." not in text
+
+
+@contextmanager
+def hub_offline(offline: bool = True):
+    """While loading: the hub libraries' offline switches on (HF_HUB_OFFLINE,
+    TRANSFORMERS_OFFLINE, and the copies of the flag diffusers/transformers imported), so
+    that nothing opens a socket; restored afterwards."""
+    if not offline:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")}
+    saved_flags = []
+    os.environ.update({k: "1" for k in saved_env})
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("huggingface_hub", "diffusers", "transformers") and \
+                isinstance(getattr(module, "HF_HUB_OFFLINE", None), bool):
+            saved_flags.append((module, module.HF_HUB_OFFLINE))
+            module.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for module, value in saved_flags:
+            module.HF_HUB_OFFLINE = value
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def load_pipeline(
@@ -92,27 +132,40 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     online: bool | None = None,
+    delta_base: str | os.PathLike | None = None,
 ) -> StableDiffusionPipeline:
     """Load a StableDiffusionPipeline from any model name `resolve_model` accepts.
 
     The safety checker is not loaded (erasure research needs the raw output); the progress
-    bar of the sampler is off (obliviate shows its own).
+    bar of the sampler is off (obliviate shows its own). Unless `online` (or
+    `OBLIVIATE_ONLINE=1`), no socket is opened: only local files and the hub cache are read.
+    `delta_base` loads a delta folder onto a base that has moved (its hash is still checked).
     """
     source = resolve_model(model)
     if isinstance(source, Path) and (source / DELTA_FILE).exists():
-        return _load_delta(source, device, dtype, online)
+        return _load_delta(source, device, dtype, online, delta_base)
     online = online if online is not None else os.environ.get("OBLIVIATE_ONLINE") == "1"
     kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
-        if isinstance(source, Path) and source.is_file():
-            pipe = StableDiffusionPipeline.from_single_file(str(source), **kwargs)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(source), use_safetensors=True, local_files_only=not online, **kwargs
-            )
-    except (OSError, ValueError, EnvironmentError) as exc:
+        with hub_offline(not online):
+            if isinstance(source, Path) and source.is_file():
+                pipe = StableDiffusionPipeline.from_single_file(str(source), local_files_only=not online, **kwargs)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(source), use_safetensors=True, local_files_only=not online, **kwargs
+                )
+    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = "" if online or isinstance(source, Path) else " (offline: set OBLIVIATE_ONLINE=1 to download)"
+        if online:
+            hint = ""
+        elif isinstance(source, Path) and source.is_file():
+            hint = (" (offline: a single .safetensors file needs its model family's configs in the hub "
+                    "cache; set OBLIVIATE_ONLINE=1 once to fetch them, or give a diffusers folder)")
+        elif isinstance(source, Path):
+            hint = ""
+        else:
+            hint = (f" (no folder {source} exists here, and the hub id {source} is not in the local cache; "
+                    "set OBLIVIATE_ONLINE=1 to download it)")
         raise ObliviateError(f"cannot load model {model}: {first}{hint}") from exc
     pipe.set_progress_bar_config(disable=True)
     pipe.obliviate_source = str(source)
@@ -122,16 +175,27 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def _load_delta(folder: Path, device, dtype, online) -> StableDiffusionPipeline:
+def _load_delta(folder: Path, device, dtype, online, delta_base=None) -> StableDiffusionPipeline:
     """A delta folder: load its base, check the base's hash, apply the changed tensors."""
     from .ledger import weights_sha256
 
     info = read_model_info(folder)
-    pipe = load_pipeline(info["delta_of"], device="cpu", dtype=dtype, online=online)
+    base = info.get("delta_of")
+    if not isinstance(base, str) or not isinstance(info.get("base_sha256"), str):
+        raise ObliviateError(f"{folder}/obliviate.json does not name the delta's base (delta_of, base_sha256); "
+                             "restore the folder obliviate wrote")
+    fix = (f"put the base back there, or point the delta at the base's new place with `obliviate export "
+           f"{folder} --base NEW_PLACE --out FULL_FOLDER` (a full copy that needs no base)")
+    where = str(delta_base) if delta_base else base
+    try:
+        pipe = load_pipeline(where, device="cpu", dtype=dtype, online=online)
+    except ObliviateError as exc:
+        raise ObliviateError(f"{folder} is a delta: it stores only the changes to its base {where}, which "
+                             f"cannot be loaded ({exc}); {fix}") from None
     if weights_sha256(pipe) != info["base_sha256"]:
         raise ObliviateError(
-            f"{folder} is a delta of {info['delta_of']}, whose weights have changed since; "
-            "the delta cannot be applied")
+            f"{folder} is a delta of the base {where}, whose weights are not the ones the delta was made "
+            f"from (sha256 {info['base_sha256'][:12]}); {fix}")
     apply_delta(pipe, folder)
     pipe.obliviate_source = str(folder)
     pipe.obliviate_model = str(folder.resolve())
@@ -157,7 +221,14 @@ def apply_delta(pipe, folder: Path) -> None:
 def read_model_info(source: Path | str) -> dict:
     """obliviate's metadata beside a model (`obliviate.json`): world, sampler defaults."""
     if isinstance(source, Path) and (source / "obliviate.json").exists():
-        return json.loads((source / "obliviate.json").read_text())
+        try:
+            info = json.loads((source / "obliviate.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ObliviateError(f"{source}/obliviate.json is not readable JSON ({str(exc).splitlines()[0]}); "
+                                 "restore the folder obliviate wrote") from None
+        if not isinstance(info, dict):
+            raise ObliviateError(f"{source}/obliviate.json is not a JSON object; restore the folder obliviate wrote")
+        return info
     return {}
 
 

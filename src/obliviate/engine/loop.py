@@ -35,19 +35,23 @@ def shard(batch, rank: int, world: int):
 
 def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
           checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-          refresh=None, robust=None) -> dict:
+          refresh=None, robust=None, checkpoint_info: dict | None = None) -> dict:
     """Run `method` for `steps` optimiser steps on `ctx.pipe`; returns loss history and timing.
 
     With `refresh` (an `engine.refresh.Refresh`), every step is preceded by its unlearn
     perturbation computed on the same batch. With `robust` (an `engine.robust.Robust`), soft
     prompts that bring the targets back are mined on the current weights every few steps,
-    and a share of the method's forget prompts uses them.
+    and a share of the method's forget prompts uses them. `checkpoint_info` (`identity`:
+    what the caller needs to recognise its own checkpoint; `started`: when its request
+    began, `time.time()`) is stored in every checkpoint with the seconds spent so far,
+    resumed runs included; a resumed run reports `resumed_from_step` and `seconds_before`.
     """
     acc = ctx.accelerator
     params = freeze_all_but(ctx.pipe, method.param_group)
     names, plist = list(params), list(params.values())
     optimizer = torch.optim.Adam(plist, lr=lr)
-    start = 0
+    start, seconds_before = 0, 0.0
+    info_in = checkpoint_info or {}
     if resume and checkpoint_dir and (Path(checkpoint_dir) / "state.json").exists():
         info, tensors = load_training_state(Path(checkpoint_dir), {}, optimizer)
         with torch.no_grad():
@@ -55,6 +59,7 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
                 p.copy_(tensors[n])
         method.load_state({k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")})
         start = info["step"]
+        seconds_before = float(info.get("seconds", 0.0))
 
     history: list[dict[str, float]] = []
     t0 = time.time()
@@ -110,9 +115,13 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
         if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and acc.is_main_process:
             tensors = {n: p.detach() for n, p in zip(names, plist)}
             tensors.update({f"method.{k}": v for k, v in method.state().items()})
-            save_training_state(Path(checkpoint_dir), {}, optimizer, tensors, {"step": step + 1})
+            elapsed = seconds_before + time.time() - info_in.get("started", t0)
+            save_training_state(Path(checkpoint_dir), {}, optimizer, tensors,
+                                {"step": step + 1, "seconds": round(elapsed, 2),
+                                 **({"identity": info_in["identity"]} if "identity" in info_in else {})})
         if done:
             break
     bar.close()
     return {"steps_run": step + 1 - start, "seconds_training": round(time.time() - t0, 2),
+            "resumed_from_step": start or None, "seconds_before": round(seconds_before, 2),
             "loss_first": history[0] if history else {}, "loss_last": history[-1] if history else {}}

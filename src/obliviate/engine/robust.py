@@ -70,18 +70,44 @@ class Robust:
     _round: int = 0
 
     def settings(self) -> dict:
-        keys = ("every", "mine_steps", "first_steps", "tokens", "vary_tokens", "pool", "share", "lr", "batch_size",
-                "prompts", "t_low", "t_high")
-        return {k: getattr(self, k) for k in keys}
+        """The plug-in's settings, recorded in the ledger."""
+        return {k: getattr(self, k) for k in self.settings_keys()}
 
     # -- set-up ------------------------------------------------------------------------------
+    @classmethod
+    def checked(cls, settings: dict | None = None, vectors: dict | None = None) -> "Robust":
+        """A Robust from user settings, each checked by name, type and range (one-line errors)."""
+        settings = dict(settings or {})
+        known = cls.settings_keys()
+        for key, value in settings.items():
+            if key not in known:
+                raise ObliviateError(f"--robust has no setting {key!r}; it has: {', '.join(known)}")
+            want = type(getattr(cls, key))
+            ok = isinstance(value, bool) if want is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and (want is float or float(value).is_integer()))
+            if not ok:
+                raise ObliviateError(f"--robust setting {key}={value!r} must be a {want.__name__}")
+            settings[key] = want(value)
+        robust = cls(vectors=vectors or {}, **settings)
+        if (not 1 <= robust.tokens <= 4 or robust.every < 1 or robust.mine_steps < 0 or robust.first_steps < 0
+                or not 0 < robust.share <= 1 or robust.pool < 1 or robust.prompts < 1 or robust.batch_size < 1
+                or not robust.lr > 0 or not 0 <= robust.t_low < robust.t_high <= 1000):
+            raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps and first_steps >= 0, "
+                                 "0 < share <= 1, pool, prompts and batch_size >= 1, lr > 0, "
+                                 "0 <= t_low < t_high <= 1000")
+        return robust
+
+    @classmethod
+    def settings_keys(cls) -> tuple[str, ...]:
+        return ("every", "mine_steps", "first_steps", "tokens", "vary_tokens", "pool", "share", "lr",
+                "batch_size", "prompts", "t_low", "t_high")
+
     def check(self, method) -> None:
         """Refuse a method that does not say where its forget prompts are."""
         if not getattr(method, "forget_prompts", ()):
             raise ObliviateError(f"--robust needs a method that declares its forget prompts; "
                                  f"{method.name!r} does not (use duge, esd, doco, rgd or fewshot-te)")
-        if not 1 <= self.tokens <= 4 or self.every < 1 or self.mine_steps < 0 or not 0 < self.share <= 1:
-            raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps >= 0, 0 < share <= 1")
 
     def prepare(self, ctx) -> None:
         """Training data of every target the lineage has removed (this request's too): what the
@@ -190,7 +216,7 @@ class Robust:
             for key, value in sorted(load_file(path).items(), key=lambda kv: (kv[0].rpartition('.')[0], int(kv[0].rpartition('.')[2]))):
                 name = key.rpartition(".")[0]
                 vectors.setdefault(name, []).append(value)
-        return cls(vectors=vectors, **settings)
+        return cls.checked(settings, vectors)
 
 
 def _word(name: str) -> re.Pattern:

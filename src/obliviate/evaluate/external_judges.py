@@ -47,7 +47,7 @@ class ClipJudge:
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise ObliviateError(f"--judge clip:{folder}: no CLIP model folder (config.json) there")
-        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        self.model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         self.template = template
         pre = folder / "preprocessor_config.json"
@@ -74,7 +74,8 @@ class ClassifierJudge:
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise ObliviateError(f"--judge classifier:{folder}: no model folder (config.json) there")
-        self.model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True).eval()
+        self.model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True,
+                                                                     use_safetensors=True).eval()
         pre = folder / "preprocessor_config.json"
         cfg = json.loads(pre.read_text()) if pre.exists() else {}
         self.mean, self.std = cfg.get("image_mean", (0.5,) * 3), cfg.get("image_std", (0.5,) * 3)
@@ -94,14 +95,31 @@ class ClassifierJudge:
         return out
 
 
+def check_judge(spec: str) -> tuple[str, Path]:
+    """Parse `clip:FOLDER` / `classifier:FOLDER` and check the folder before anything loads:
+    a transformers model folder (config.json) with safetensors weights; pickle weights
+    (pytorch_model.bin and the like) are refused, since loading them can run code."""
+    from ..pipeline import PICKLE_SUFFIXES
+
+    kind, _, name = str(spec).partition(":")
+    if kind not in ("clip", "classifier") or not name:
+        raise ObliviateError(f"--judge {spec!r}: use clip:FOLDER or classifier:FOLDER")
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise ObliviateError(f"--judge {spec}: no {'CLIP ' if kind == 'clip' else ''}model folder (config.json) there")
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles:
+            raise ObliviateError(f"--judge {spec}: its weights {pickles[0]} are a pickle, which can run code when "
+                                 "loaded; convert them to model.safetensors first")
+        raise ObliviateError(f"--judge {spec}: no .safetensors weights in {folder}")
+    return kind, folder
+
+
 def load_external_judge(spec: str):
-    """`clip:FOLDER` or `classifier:FOLDER` to a judge object."""
-    kind, _, folder = spec.partition(":")
-    if kind == "clip" and folder:
-        return ClipJudge(folder)
-    if kind == "classifier" and folder:
-        return ClassifierJudge(folder)
-    raise ObliviateError(f"--judge {spec!r}: use clip:FOLDER or classifier:FOLDER")
+    """`clip:FOLDER` or `classifier:FOLDER` to a judge object (safetensors weights only)."""
+    kind, folder = check_judge(spec)
+    return ClipJudge(folder) if kind == "clip" else ClassifierJudge(folder)
 
 
 def evaluate_concepts(pipe, judge, concepts: list[str], images_per_concept: int = 8, seed: int = 0) -> dict:

@@ -8,6 +8,7 @@ gradients (`combine`, for gradient surgery). A closed-form method edits weights 
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields, is_dataclass
 from typing import Callable, ClassVar
 
@@ -40,6 +41,12 @@ class Method:
     forget_prompts: ClassVar[tuple[tuple[str | None, str], ...]] = ()
     # option values the method takes under --robust unless the user sets them
     robust_defaults: ClassVar[dict] = {}
+    # Declared ranges of options (checked when the method is built): the smallest value of
+    # the options below; `lr` must be above 0; every other number must be finite and >= 0.
+    option_minimum: ClassVar[dict[str, int]] = {
+        "steps": 1, "batch_size": 1, "shots": 1, "prompts_per_target": 1, "pairs_per_target": 1}
+    # Options that take one of a few words.
+    option_choices: ClassVar[dict[str, tuple]] = {}
 
     def prepare(self, ctx) -> None:
         """Build prompts and cached data, take frozen copies; runs before any update."""
@@ -83,15 +90,77 @@ def method_names() -> list[str]:
     return sorted(REGISTRY)
 
 
+_BASE_TYPES = {"steps": "int", "lr": "float", "batch_size": "int"}
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+
+
+def _type_names(annotation) -> list[str]:
+    """`"float | None"` (or the type itself) to `["float", "None"]`."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return [part.strip().replace("NoneType", "None") for part in text.split("|")]
+
+
+def check_option(cls, key: str, value, annotation):
+    """`value` of option `key` of method class `cls`, checked against its declared type and
+    range; ints are accepted where a float is declared. One-line error otherwise."""
+    kinds = _type_names(annotation)
+    what = f"method {cls.name!r} option {key}"
+    ok = False
+    for kind in kinds:
+        if kind == "bool":
+            ok = ok or isinstance(value, bool)
+        elif kind == "int":
+            ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+        elif kind == "float":
+            ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        elif kind in _KINDS:
+            ok = ok or isinstance(value, _KINDS[kind])
+        else:
+            ok = True  # a type this check does not know: left to the method
+    if not ok:
+        wanted = " or ".join("null" if k == "None" else ("a number" if k == "float" else
+                             ("an integer" if k == "int" else ("true/false" if k == "bool" else "text")))
+                             for k in kinds)
+        raise ObliviateError(f"{what} must be {wanted}, not {value!r} (e.g. --set {key}=...)")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ObliviateError(f"{what} must be a finite number, not {value!r}")
+        if key == "lr" and value <= 0:
+            raise ObliviateError(f"{what} (learning rate) must be above 0, not {value!r}")
+        low = cls.option_minimum.get(key, 0)
+        if value < low:
+            raise ObliviateError(f"{what} must be at least {low}, not {value!r}")
+    if key == "param_group":
+        from ..engine.params import GROUPS
+
+        choices = GROUPS
+    else:
+        choices = cls.option_choices.get(key)
+    if choices and value not in choices:
+        raise ObliviateError(f"{what} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+    return value
+
+
 def get_method(name: str, **options):
-    """Instantiate method `name` with `options` (its config fields); one-line errors."""
+    """Instantiate method `name` with `options` (its config fields), each checked against its
+    declared type and range (`check_option`); one-line errors."""
     names = method_names()
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ObliviateError(f"unknown method {name!r}; choose from {', '.join(names)}")
     cls = REGISTRY[name]
-    known = {f.name for f in fields(cls)} if is_dataclass(cls) else set()
-    unknown = set(options) - known
+    declared = {f.name: f.type for f in fields(cls) if not f.name.startswith("_")} if is_dataclass(cls) else {}
+    unknown = set(options) - set(declared)
     if unknown:
         raise ObliviateError(f"method {name!r} has no option {sorted(unknown)[0]!r}; "
-                             f"it has: {', '.join(sorted(known))}")
+                             f"it has: {', '.join(sorted(declared))}")
+    for key, value in options.items():
+        check_option(cls, key, value, declared[key])
     return cls(**options)
+
+
+def set_common(method, steps=None, lr=None, batch_size=None) -> None:
+    """Apply `--steps/--lr/--batch-size` to a built method, with the same checks as options."""
+    for key, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size)):
+        if value is not None:
+            check_option(type(method), key, value, _BASE_TYPES[key])
+            setattr(method, key, value)

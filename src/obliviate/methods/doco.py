@@ -79,6 +79,8 @@ class PatchDiscriminator(nn.Module):
 class DoCo(Method):
     name: ClassVar[str] = "doco"
     forget_prompts: ClassVar = ((None, "p_tgt"),)
+    option_choices: ClassVar[dict[str, tuple]] = {"prior_target": ("teacher", "data"),
+                                                  "disc_condition": ("auto", True, False)}
     param_group: str = "attn2-kv"
     steps: int = 160
     lr: float = 3e-3

@@ -45,6 +45,8 @@ class DUGE(Method):
     name: ClassVar[str] = "duge"
     forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"))
     robust_defaults: ClassVar = {"prior_target": "attention"}
+    option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
+                                                  "prior_target": ("teacher", "data", "attention")}
     param_group: str = "attn2-kv"
     steps: int = 60
     lr: float = 2e-3

@@ -108,6 +108,7 @@ from .base import Method, register
 class RGD(Method):
     name: ClassVar[str] = "rgd"
     forget_prompts: ClassVar = (("forget", "prompts"),)
+    option_choices: ClassVar[dict[str, tuple]] = {"remain_target": ("data", "teacher")}
     param_group: str = "unet"
     steps: int = 60
     lr: float = 1e-4

@@ -29,6 +29,7 @@ from .base import Method, register
 class UCE(Method):
     name: ClassVar[str] = "uce"
     closed_form: ClassVar[bool] = True
+    option_choices: ClassVar[dict[str, tuple]] = {"robust_mode": ("rece", "mined")}
     param_group: str = "attn2-kv"
     lam: float = 0.5
     erase_scale: float = 1.0
