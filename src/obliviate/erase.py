@@ -32,6 +32,7 @@ from .engine.refresh import Refresh
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method
+from .model_card import write_card
 from .pipeline import DELTA_FILE, load_pipeline
 from .request import Request
 from .resources import PeakMemory
@@ -182,8 +183,12 @@ def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None
         if refresh is not None:
             refresh.save(tmp)
         if entry is not None:
-            entry = LedgerEntry(**{**entry.__dict__, "bytes_stored": _folder_bytes(tmp)})
             ledger = ledger.append(entry)
+        write_card(tmp, ledger, extra={"Storage": "delta: only the tensors that differ from the base "
+                                                  "(load with obliviate)" if storage == "delta" else "full"})
+        if entry is not None:
+            entry = LedgerEntry(**{**entry.__dict__, "bytes_stored": _folder_bytes(tmp)})
+            ledger = ledger.truncated(len(ledger.entries) - 1).append(entry)
         ledger.save(tmp)
     return entry
 
