@@ -95,7 +95,7 @@ def delta_bytes(folder: Path) -> int:
         return folder_bytes(Path(tmp) / "d")
 
 
-def measure(work: Path, case: str, rank: int, images_per_combo: int, threads: int) -> dict:
+def measure(work: Path, case: str, rank: int, images_per_combo: int, threads: int, dtype: str) -> dict:
     from obliviate.evaluate.evaluation import load_judge, shapes_eval_prompts
     from obliviate.export_lora import LORA_FILE, export_lora
     from obliviate.generate import generate_images
@@ -105,8 +105,8 @@ def measure(work: Path, case: str, rank: int, images_per_combo: int, threads: in
     folder = ensure_case(work, case)
     ledger = Ledger.load(folder)
     removed = ledger.removed()
-    lora = work / f"{case}-lora-r{rank}"
-    report = export_lora(folder, lora, rank=rank, overwrite=True)
+    lora = work / f"{case}-lora-r{rank}-{dtype}"
+    report = export_lora(folder, lora, rank=rank, overwrite=True, dtype=dtype)
     full = load_pipeline(folder)
     judge = load_judge(full)
     prompts = shapes_eval_prompts(images_per_combo)
@@ -125,7 +125,7 @@ def measure(work: Path, case: str, rank: int, images_per_combo: int, threads: in
     import numpy as np
 
     lora_fig = judged(np.load(spec["out"]), prompts, judge, removed)
-    return {"case": case, "removed": removed, "rank": rank, "energy_kept": report.energy_kept,
+    return {"case": case, "removed": removed, "rank": rank, "dtype": dtype, "energy_kept": report.energy_kept,
             "left_out_energy": report.left_out_energy, "left_out": len(report.left_out),
             "full": full_fig, "lora": lora_fig,
             "bytes": {"full": folder_bytes(folder), "delta": delta_bytes(folder),
@@ -133,14 +133,14 @@ def measure(work: Path, case: str, rank: int, images_per_combo: int, threads: in
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| case | removed | images | UA full / LoRA (diff) | never-removed full / LoRA (diff) | rank | "
+    out = ["| case | removed | images | UA full / LoRA (diff) | never-removed full / LoRA (diff) | rank, dtype | "
            "energy kept | full save | delta save | LoRA file | full / LoRA |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f, lo, b = r["full"], r["lora"], r["bytes"]
         out.append(f"| {r['case']} | {', '.join(r['removed'])} | {lo['images']} | {f['ua']:.3f} / {lo['ua']:.3f} "
                    f"({lo['ua'] - f['ua']:+.3f}) | {f['kept']:.3f} / {lo['kept']:.3f} ({lo['kept'] - f['kept']:+.3f}) "
-                   f"| {r['rank']} | {r['energy_kept']:.1%} | {b['full'] / 1e6:.2f} MB | {b['delta'] / 1e6:.2f} MB "
+                   f"| {r['rank']}, {r.get('dtype', 'float32')} | {r['energy_kept']:.1%} | {b['full'] / 1e6:.2f} MB | {b['delta'] / 1e6:.2f} MB "
                    f"| {b['lora'] / 1e6:.3f} MB | {b['full'] / b['lora']:.0f}x |")
     return "\n".join(out)
 
@@ -152,13 +152,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     parser.add_argument("--images-per-combo", type=int, default=1, help="images per prompt, 144 prompts")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the child (default: 2)")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--dtype", default="float32", help="LoRA precision: float32 or float16")
+    parser.add_argument("--json", help="write the figures here (appended to an existing file)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else []
     for case in args.cases.split(","):
-        rows.append(measure(work, case, args.rank, args.images_per_combo, args.threads))
+        rows.append(measure(work, case, args.rank, args.images_per_combo, args.threads, args.dtype))
         print(table(rows[-1:]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -83,6 +83,7 @@ def test_export_refuses_bad_input_in_one_line_and_writes_nothing(lineage, capsys
                           (["--format", "lora", "--rank", "0"], "--rank must be"),
                           (["--format", "lora", "--energy", "1.5"], "--energy must be"),
                           (["--format", "kohya"], "must end in .safetensors"),
+                          (["--format", "lora", "--dtype", "int8"], "--dtype must be"),
                           (["--rank", "4"], "apply to --format lora")]:
         assert main(["export", str(lineage / "2"), "--out", str(lineage / "bad"), *args]) == 2
         err = capsys.readouterr().err.strip()
@@ -107,6 +108,15 @@ def test_every_output_folder_has_a_model_card(lineage, tmp_path):
     text = evaluation_text({"accuracy": {"object": 0.6}, "per_concept": per, "images": 8, "fid": 3.0},
                            ["star"], "obliviate eval --model X")
     assert update_evaluation(tmp_path / "rb", text)
+    from types import SimpleNamespace
+
+    from obliviate.cli import _update_card
+
+    result = {"accuracy": {"object": 0.5}, "per_concept": {**per, "red": {"kind": "colour", "accuracy": 0.5, "n": 4}},
+              "images": 8, "fid": 2.0}
+    args = argparse.Namespace(model=str(lineage / "2"), judge=None, images_per_combo=1, seed=0)
+    _update_card(SimpleNamespace(obliviate_source=str(lineage / "2")), result, args)
+    assert "UA of red (1 − accuracy) | 0.500" in (lineage / "2" / "README.md").read_text()
     card = (tmp_path / "rb" / "README.md").read_text()
     assert "UA of star (1 − accuracy) | 0.750" in card and "never-removed concepts, mean accuracy | 1.000" in card
     assert card.count("## Requests") == 1

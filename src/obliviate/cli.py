@@ -185,11 +185,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
         from .export_lora import export_lora
 
         report = export_lora(args.folder, args.out, fmt=fmt, energy=args.energy, overwrite=args.overwrite,
+                             dtype=args.dtype,
                              rank=args.rank if args.rank is not None else (None if args.energy else 16))
         print(f"wrote {args.out} ({fmt}, {report.bytes / 1e6:.2f} MB): {report.line()}")
         return
-    if args.rank is not None or args.energy is not None:
-        raise ObliviateError("--rank and --energy apply to --format lora or kohya, not full")
+    if args.rank is not None or args.energy is not None or args.dtype != "float32":
+        raise ObliviateError("--rank, --energy and --dtype apply to --format lora or kohya, not full")
     from .erase import save_model
     from .ledger import Ledger
     from .pipeline import load_pipeline
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--energy", type=float,
                     help="instead of a fixed rank: the smallest rank per tensor that keeps this share of the "
                          "change's energy (Frobenius norm squared), in (0, 1] (default: off)")
+    ex.add_argument("--dtype", default="float32",
+                    help="precision of the LoRA factors: float32, or float16 for half the file (default: float32)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
     ex.set_defaults(func=_cmd_export)
 

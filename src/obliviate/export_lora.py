@@ -19,13 +19,15 @@ diffusers 0.42 converts for every layer, where its peft-named path knows only th
 projections and refuses an MLP-only (fewshot-te) text-encoder LoRA. `kohya` writes one file
 in the naming A1111 and ComfyUI load (diffusers loads it too):
 `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`
-(`lora_te_text_model_...` for the text encoder).
+(`lora_te_text_model_...` for the text encoder). diffusers 0.42 reads a kohya file's alphas
+correctly only when every layer has the same rank (a fixed `--rank`, not `--energy`); A1111
+and ComfyUI read each layer's alpha.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -191,13 +193,14 @@ def kohya_state_dict(factors: list[Factor]) -> dict[str, torch.Tensor]:
 
 
 def export_lora(folder: str | Path, out: str | Path, fmt: str = "lora", rank: int | None = 16,
-                energy: float | None = None, overwrite: bool = False) -> LoraReport:
+                energy: float | None = None, overwrite: bool = False, dtype: str = "float32") -> LoraReport:
     """Export the lineage of model folder `folder` (its change to the ledger's base) as a LoRA.
 
     `fmt="lora"`: a folder with `pytorch_lora_weights.safetensors` (diffusers/peft naming),
     `lora_report.json` and a model card; `fmt="kohya"`: one `.safetensors` file with the
-    card's facts in its metadata. Nothing is written on error; `out` is replaced only with
-    `overwrite`.
+    card's facts in its metadata. `dtype="float16"` halves the file (the factors are rounded to
+    half precision, as LoRAs are usually shared). Nothing is written on error; `out` is
+    replaced only with `overwrite`.
     """
     from .checkpoint import atomic_folder
     from .ledger import Ledger
@@ -211,6 +214,8 @@ def export_lora(folder: str | Path, out: str | Path, fmt: str = "lora", rank: in
         raise ObliviateError(f"--rank must be a positive integer, not {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise ObliviateError(f"--energy must be in (0, 1], not {energy}")
+    if dtype not in ("float32", "float16"):
+        raise ObliviateError(f"--dtype must be float32 or float16, not {dtype!r}")
     if fmt == "kohya" and out.suffix != ".safetensors":
         raise ObliviateError(f"--format kohya writes one file; --out {out} must end in .safetensors")
     if out.exists() and not overwrite:
@@ -224,7 +229,9 @@ def export_lora(folder: str | Path, out: str | Path, fmt: str = "lora", rank: in
     if base.unet.state_dict().keys() != edited.unet.state_dict().keys():
         raise ObliviateError(f"{folder} and its base {ledger.base} have different architectures")
     factors, left_out = lineage_factors(base, edited, rank=rank, energy=energy)
-    settings = {"format": fmt, "rank": rank, "energy": energy}
+    if dtype == "float16":
+        factors = [replace(f, down=f.down.half(), up=f.up.half()) for f in factors]
+    settings = {"format": fmt, "rank": rank, "energy": energy, "dtype": dtype}
     if fmt == "kohya":
         state = kohya_state_dict(factors)
         meta = {"ss_network_module": "networks.lora", "ss_base_model": ledger.base,

@@ -44,7 +44,8 @@ def card_text(ledger, kind: str = "model", weights_sha256: str | None = None, ex
              f"- Base model: `{base}`" + (f" (sha256 `{ledger.base_sha256}`)" if ledger else "")
              if base != "unknown" else "- Base model: none (trained from scratch)",
              f"- Weights sha256: `{weights_sha256 or (ledger.head_sha256 if ledger else 'unknown')}`"
-             + (" (of the model the LoRA reproduces: base + LoRA)" if kind == "lora" else "")]
+             + (" (of the erased model this LoRA approximates: base + LoRA is close to it, not "
+                "bit-identical)" if kind == "lora" else "")]
     lines += [f"- {k}: {v}" for k, v in (extra or {}).items() if k != "Base model"]
     lines += ["", "## Requests", ""]
     if ledger and ledger.entries:
