@@ -252,7 +252,7 @@ def export_lora(folder: str | Path, out: str | Path, fmt: str = "lora", rank: in
         report = _report(factors, left_out, nbytes)
         (tmp / "lora_report.json").write_text(json.dumps({
             **asdict(report), "settings": settings, "base": ledger.base,
-            "layers": [{"layer": f"{f.component}.{f.module}", "rank": f.rank, "energy_kept": round(f.energy_kept, 6),
+            "per_layer": [{"layer": f"{f.component}.{f.module}", "rank": f.rank, "energy_kept": round(f.energy_kept, 6),
                         "energy": f.energy} for f in factors]}, indent=1))
         write_card(tmp, ledger, kind="lora", weights_sha256=ledger.head_sha256,
                    extra={"LoRA": f"{report.line()}; load with `pipe.load_lora_weights(folder)` on the base"})
