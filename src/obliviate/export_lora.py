@@ -19,9 +19,9 @@ diffusers 0.42 converts for every layer, where its peft-named path knows only th
 projections and refuses an MLP-only (fewshot-te) text-encoder LoRA. `kohya` writes one file
 in the naming A1111 and ComfyUI load (diffusers loads it too):
 `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`
-(`lora_te_text_model_...` for the text encoder). diffusers 0.42 reads a kohya file's alphas
-correctly only when every layer has the same rank (a fixed `--rank`, not `--energy`); A1111
-and ComfyUI read each layer's alpha.
+(`lora_te_text_model_...` for the text encoder). diffusers 0.42 misread a kohya file's
+self-attention alphas when ranks differed between layers (seen on the tiny test pipeline), so
+a file meant for diffusers should use a fixed `--rank`; A1111 and ComfyUI read each alpha.
 """
 
 from __future__ import annotations
