@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from .checks import (check_at_least, check_device, check_finite, check_output_file, check_output_folder,
@@ -89,6 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         result["attacks"] = run_attacks(pipe, load_judge(pipe), removed, attacks, seed=args.seed,
                                         budget=args.attack_budget, original=original)
     text = json.dumps(result, indent=1)
+    _update_card(pipe, result, args)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +98,20 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         tmp.write_text(text)
         tmp.replace(out)
     _print_eval(result, args.json)
+
+
+def _update_card(pipe, result: dict, args: argparse.Namespace) -> None:
+    """Put the figures of a shapes-world evaluation into the evaluated folder's model card."""
+    from .ledger import Ledger
+    from .model_card import evaluation_text, update_evaluation
+
+    folder = Path(getattr(pipe, "obliviate_source", ""))
+    if args.judge or not folder.is_dir() or "per_concept" not in result:
+        return
+    ledger = Ledger.load(folder)
+    command = "obliviate eval --model " + str(args.model) + f" --images-per-combo {args.images_per_combo} --seed {args.seed}"
+    if update_evaluation(folder, evaluation_text(result, ledger.removed() if ledger else [], command)):
+        print(f"updated the figures in {folder / 'README.md'}")
 
 
 def _print_eval(result: dict, json_path: str | None) -> None:
@@ -218,6 +234,21 @@ def _cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
+    fmt = args.format
+    if fmt not in ("full", "lora", "kohya"):
+        raise ObliviateError(f"--format must be full, lora or kohya, not {fmt!r}")
+    if args.base and fmt != "full":
+        raise ObliviateError("--base applies to --format full (re-pointing a delta folder's base)")
+    if fmt != "full":
+        from .export_lora import export_lora
+
+        report = export_lora(args.folder, args.out, fmt=fmt, energy=args.energy, overwrite=args.overwrite,
+                             dtype=args.dtype,
+                             rank=args.rank if args.rank is not None else (None if args.energy else 16))
+        print(f"wrote {args.out} ({fmt}, {report.bytes / 1e6:.2f} MB): {report.line()}")
+        return
+    if args.rank is not None or args.energy is not None or args.dtype != "float32":
+        raise ObliviateError("--rank, --energy and --dtype apply to --format lora or kohya, not full")
     from .erase import save_model
     from .ledger import Ledger
     from .pipeline import load_pipeline
@@ -251,8 +282,9 @@ def _training_data(pipe, folder: str | None, concepts: list[str] | None, n: int,
 
 def _cmd_guard(args: argparse.Namespace) -> None:
     from .checkpoint import atomic_folder
-    from .ledger import Ledger
+    from .ledger import Ledger, weights_sha256
     from .methods.freeze_guard import FreezeAsGuard
+    from .model_card import write_card
     from .pipeline import load_pipeline
 
     check_output_folder(args.out, "--out", overwrite=args.overwrite)
@@ -270,12 +302,17 @@ def _cmd_guard(args: argparse.Namespace) -> None:
         if ledger:
             ledger.save(tmp)
         mask.save(tmp)
+        write_card(tmp, ledger, kind="guarded", weights_sha256=weights_sha256(pipe),
+                   extra={"Base model": str(args.model), "Guard": f"{len(mask.frozen)} UNet tensors frozen "
+                          f"({mask.frozen_fraction:.0%} of UNet parameters), rho {args.rho}"})
     print(f"wrote {args.out}: {len(mask.frozen)} tensors frozen ({mask.frozen_fraction:.0%} of UNet parameters)")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from .checkpoint import atomic_folder
     from .finetune import finetune
+    from .ledger import weights_sha256
+    from .model_card import write_card
     from .methods.freeze_guard import GuardMask
     from .pipeline import load_pipeline
 
@@ -292,6 +329,11 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
                 "guard_mask_honoured": mask is not None}
         info.pop("lineage", None)
         (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
+        write_card(tmp, None, kind="finetuned", weights_sha256=weights_sha256(pipe),
+                   extra={"Base model": str(args.model),
+                          "Fine-tuning": f"{stats['trained_tensors']} UNet tensors, {args.steps} steps at lr "
+                                         f"{args.lr}, guard mask {'honoured' if mask else 'not used'}; it leaves "
+                                         "the lineage, so there is no ledger"})
     print(f"wrote {args.out}: loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}, "
           f"{stats['trained_tensors']} tensors trained{' (guard mask honoured)' if mask else ''}")
 
@@ -334,156 +376,238 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"obliviate: error: {message} (see `{self.prog} --help`)\n")
 
 
+_MODEL_HELP = ("model to load: `shapes` (shipped), a diffusers folder (any obliviate output), a "
+               "single .safetensors checkpoint, or a hub id (with OBLIVIATE_ONLINE=1)")
+
+
+def _vocabulary() -> str:
+    """The shapes world's concept names, by kind, for help texts."""
+    from .shapes.vocab import BY_KIND
+
+    return "; ".join(f"{kind}s: {', '.join(c.name for c in concepts)}" for kind, concepts in BY_KIND.items())
+
+
+def _sub(sub, name: str, help: str, example: str, description: str | None = None):
+    """A sub-command parser whose epilog shows `example`."""
+    text = description or help[0].upper() + help[1:] + "."
+    return sub.add_parser(name, help=help, description=textwrap.fill(text, 88),
+                          epilog="example:\n  " + example.replace("\n", "\n  "),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `obliviate` command (one sub-command per job)."""
-    parser = OneLineParser(
-        prog="obliviate", description="Remove concepts from text-to-image diffusion models."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .evaluate.attacks import ATTACKS
+    from .methods.base import method_names
 
-    g = sub.add_parser("generate", help="write a grid of images for one prompt")
-    g.add_argument("--model", default="shapes", help="shipped name, diffusers folder, .safetensors or hub id")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("-n", type=int, default=8, help="number of images")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True, help="grid picture to write (.png)")
-    g.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--columns", type=int, default=8)
-    g.add_argument("--scale", type=int, help="upscale factor for small images (default: to 128 px)")
-    g.add_argument("--device", default="cpu")
+    methods = ", ".join(method_names())
+    attacks = ",".join(ATTACKS)
+    vocabulary = _vocabulary()
+    parser = OneLineParser(
+        prog="obliviate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill("Remove concepts from text-to-image diffusion models, one request after "
+                                  "another, and measure what each removal cost the rest of the model.", 88),
+        epilog=f"methods: {methods}\n" + textwrap.fill(f"concepts of the shipped `shapes` model: {vocabulary}", 88)
+               + "\n\n"
+               "example:\n  obliviate erase --model shapes --method duge --concept star --out runs/1\n"
+               "  obliviate eval --model runs/1\n\n`obliviate COMMAND --help` explains each command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = _sub(sub, "generate", "write a grid of images for one prompt",
+             'obliviate generate --model shapes --prompt "a blue dotted diamond" -n 8 --out grid.png')
+    g.add_argument("--model", default="shapes", help=_MODEL_HELP + " (default: shapes)")
+    g.add_argument("--prompt", required=True, help="text prompt to draw (required)")
+    g.add_argument("-n", type=int, default=8, help="number of images (default: 8)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the first image (default: 0)")
+    g.add_argument("--out", required=True, help="grid picture to write, .png or .jpg (required)")
+    g.add_argument("--steps", type=int, help="sampler steps (default: the model's; 20 for shapes)")
+    g.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (default: the model's; 5.0 for shapes)")
+    g.add_argument("--columns", type=int, default=8, help="images per grid row (default: 8)")
+    g.add_argument("--scale", type=int, help="integer upscale factor for small images (default: up to 128 px)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.set_defaults(func=_cmd_generate)
 
-    e = sub.add_parser("eval", help="generate the evaluation prompt set and judge it")
-    e.add_argument("--model", default="shapes")
-    e.add_argument("--json", help="write the metrics here")
-    e.add_argument("--images-per-combo", type=int, default=4)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--attacks", help="comma list of paraphrase,softprompt,hardprompt,conditioning,resurgence "
-                                     "(on the removed concepts; conditioning is the white-box upper bound)")
+    e = _sub(sub, "eval", "generate the evaluation prompt set and judge it",
+             "obliviate eval --model runs/1 --images-per-combo 1 --json runs/1-eval.json")
+    e.add_argument("--model", default="shapes", help=_MODEL_HELP + " (default: shapes)")
+    e.add_argument("--json", help="also write the metrics to this JSON file (default: print only)")
+    e.add_argument("--images-per-combo", type=int, default=4,
+                   help="images per object x colour x style prompt, 144 prompts (default: 4)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    e.add_argument("--batch-size", type=int, default=64, help="images generated per batch (default: 64)")
+    e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    e.add_argument("--attacks", help=f"comma list of attacks on the model's removed concepts: {attacks} "
+                                     "(default: none)")
+    e.add_argument("--judge", help="for real models: clip:FOLDER or classifier:FOLDER (default: the "
+                                   "shipped judge, shapes world only)")
+    e.add_argument("--concepts", help="for real models: comma list of concepts to judge (default: none)")
+    e.add_argument("--images-per-concept", type=int, default=8,
+                   help="for real models: images per concept (default: 8)")
     e.add_argument("--attack-budget", default="quick", choices=("quick", "full"),
-                   help="soft-prompt ladder: quick (3 rungs, 2 tokens, 300 steps) or full (1/2/4 tokens x "
-                        "300/1000 steps x word/neutral/random start x rendered/original-model images); "
-                        "default quick")
-    e.add_argument("--judge", help="for real models: clip:FOLDER or classifier:FOLDER")
-    e.add_argument("--concepts", help="for real models: comma list of concepts to judge")
-    e.add_argument("--images-per-concept", type=int, default=8)
+                   help="soft-prompt ladder: quick (3 rungs: 2 tokens, 300 steps, word/neutral/random start) "
+                        "or full (1/2/4 tokens x 300/1000 steps x word/neutral/random start x rendered/"
+                        "original-model images, 36 rungs) (default: quick)")
     e.set_defaults(func=_cmd_eval)
 
-    t = sub.add_parser("train-base", help="train the shapes model and its judge from scratch")
-    t.add_argument("--out", default="runs/shapes-base")
+    t = _sub(sub, "train-base", "train the shapes model and its judge from scratch",
+             "obliviate train-base --out runs/shapes-base --time-budget 60")
+    t.add_argument("--out", default="runs/shapes-base", help="pipeline folder to write (default: runs/shapes-base)")
     t.add_argument("--work", help="checkpoint folder (default: OUT.work)")
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work (default: off)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    t.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's, 5000)")
     t.add_argument("--schedule-steps", type=int,
-                   help="length of the cosine learning-rate schedule (default: --unet-steps); a longer "
-                        "schedule on --resume continues a finished run at a higher rate")
-    t.add_argument("--time-budget", type=float, help="stop UNet training after this many minutes")
-    t.add_argument("--init-from", help="continue from a shapes model (e.g. `shapes`) instead of from scratch")
+                   help="length of the cosine learning-rate schedule in steps (default: --unet-steps); a "
+                        "longer schedule on --resume continues a finished run at a higher rate")
+    t.add_argument("--time-budget", type=float, help="stop UNet training after this many minutes (default: none)")
+    t.add_argument("--init-from", help="continue from a shapes model (e.g. `shapes`) instead of from scratch "
+                                       "(default: from scratch)")
     t.set_defaults(func=_cmd_train_base)
 
-    r = sub.add_parser("erase", help="remove concepts from a model; continues its lineage")
-    r.add_argument("--model", default="shapes")
-    r.add_argument("--method", default="duge")
-    r.add_argument("--concept", action="append", help="concept to remove (repeat to remove several)")
+    r = _sub(sub, "erase", "remove concepts from a model; continues its lineage",
+             "obliviate erase --model shapes --method duge --concept star --out runs/1\n"
+             "obliviate erase --model runs/1 --method uce --concept red --anchor blue --out runs/2 --save delta",
+             description="Remove concepts from a model; continues its lineage (ledger.json). "
+                         f"Concepts of the shipped `shapes` model: {vocabulary}.")
+    r.add_argument("--model", default="shapes", help=_MODEL_HELP + " (default: shapes)")
+    r.add_argument("--method", default="duge", help=f"erasure method, one of: {methods} (default: duge)")
+    r.add_argument("--concept", action="append",
+                   help="concept to remove; repeat to remove several together (required)")
     r.add_argument("--anchor", help="what the concept should become (default: one of its kind)")
-    r.add_argument("--preserve", action="append", help="concept that must survive (repeatable)")
-    r.add_argument("--out", required=True)
-    r.add_argument("--steps", type=int)
-    r.add_argument("--lr", type=float)
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
-    r.add_argument("--save", default="full", choices=["full", "delta"])
-    r.add_argument("--overwrite", action="store_true")
-    r.add_argument("--new-lineage", action="store_true", help="ignore/skip the model's ledger")
-    r.add_argument("--checkpoint-every", type=int, default=0)
-    r.add_argument("--resume", action="store_true")
-    r.add_argument("--refresh", action="store_true", help="wrap the method in refresh learning")
+    r.add_argument("--preserve", action="append",
+                   help="concept that must survive, repeatable (default: the other concepts of its kind)")
+    r.add_argument("--out", required=True, help="output folder: diffusers pipeline + ledger + model card (required)")
+    r.add_argument("--steps", type=int, help="optimisation steps (default: the method's, e.g. duge 60)")
+    r.add_argument("--lr", type=float, help="learning rate (default: the method's, e.g. duge 2e-3)")
+    r.add_argument("--batch-size", type=int, help="images per step (default: the method's, e.g. duge 8)")
+    r.add_argument("--seed", type=int, default=0, help="erase seed: prompts, images, noise, timesteps (default: 0)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="method option, value parsed as JSON where it parses; repeatable "
+                        "(e.g. --set variant=x for esd; default: the method's)")
+    r.add_argument("--save", default="full", choices=["full", "delta"],
+                   help="full: a complete diffusers folder; delta: only the tensors that differ from the "
+                        "lineage's base (default: full)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
+    r.add_argument("--new-lineage", action="store_true",
+                   help="ignore the model's ledger and start a new lineage at it (default: off)")
+    r.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save a resumable checkpoint every N steps, 0 = never (default: 0)")
+    r.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out (default: off)")
+    r.add_argument("--refresh", action="store_true",
+                   help="wrap a gradient method in refresh learning (default: off)")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     r.add_argument("--robust", action="store_true",
-                   help="adversarial erasure: mine soft prompts that bring the target back during the "
-                        "request and erase them too (gradient methods; uce has a closed-form variant)")
+                   help="adversarial erasure: mine soft prompts that bring the target back during the request "
+                        "and erase them too; gradient methods, and uce's closed-form variant (default: off)")
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
-                   help="a --robust setting (every, mine_steps, first_steps, tokens, pool, share), repeatable")
-    r.add_argument("--device", default="cpu")
+                   help="a --robust setting, repeatable: every, mine_steps, first_steps, tokens, vary_tokens, "
+                        "pool, share, lr, batch_size, prompts, t_low, t_high (default: the plug-in's)")
     r.set_defaults(func=_cmd_erase)
 
-    lg = sub.add_parser("ledger", help="print a model's lineage")
-    lg.add_argument("folder")
-    lg.add_argument("--json", action="store_true")
+    lg = _sub(sub, "ledger", "print a model's lineage", "obliviate ledger runs/2 --json")
+    lg.add_argument("folder", help="model folder written by obliviate")
+    lg.add_argument("--json", action="store_true", help="print the ledger as JSON instead of a table (default: off)")
     lg.set_defaults(func=_cmd_ledger)
 
-    rb = sub.add_parser("rollback", help="restore the model of an earlier lineage step")
-    rb.add_argument("folder")
-    rb.add_argument("--to", type=int, required=True)
-    rb.add_argument("--out", required=True)
-    rb.add_argument("--overwrite", action="store_true")
+    rb = _sub(sub, "rollback", "restore the model of an earlier lineage step",
+              "obliviate rollback runs/2 --to 1 --out runs/1b")
+    rb.add_argument("folder", help="model folder written by obliviate")
+    rb.add_argument("--to", type=int, required=True, help="lineage step to restore, 0 = the base (required)")
+    rb.add_argument("--out", required=True, help="output folder (required)")
+    rb.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
     rb.set_defaults(func=_cmd_rollback)
 
-    ex = sub.add_parser("export", help="write a delta folder as a full diffusers folder")
-    ex.add_argument("folder")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--overwrite", action="store_true")
-    ex.add_argument("--base", help="for a delta whose base has moved: the base's new place (its hash is checked)")
+    ex = _sub(sub, "export", "write a lineage as a full diffusers folder or as a LoRA",
+              "obliviate export runs/2 --out runs/2-full\n"
+              "obliviate export runs/2 --format lora --rank 16 --out runs/2-lora\n"
+              "obliviate export runs/2 --format kohya --energy 0.99 --out runs/2-erase.safetensors",
+              description="Write a model folder written by obliviate as a full diffusers folder (full), or the "
+                          "lineage's change to its base as a LoRA: a diffusers/peft folder for "
+                          "pipe.load_lora_weights (lora) or one kohya-named .safetensors file for "
+                          "A1111/ComfyUI (kohya). Each changed tensor is factored by truncated SVD.")
+    ex.add_argument("folder", help="model folder written by obliviate (full or delta)")
+    ex.add_argument("--out", required=True,
+                    help="output folder (full, lora) or .safetensors file (kohya) (required)")
+    ex.add_argument("--format", default="full",
+                    help="full, lora (diffusers/peft folder) or kohya (one .safetensors file) (default: full)")
+    ex.add_argument("--rank", type=int,
+                    help="LoRA rank per tensor, at most (default: 16; with --energy: no cap)")
+    ex.add_argument("--energy", type=float,
+                    help="instead of a fixed rank: the smallest rank per tensor that keeps this share of the "
+                         "change's energy (Frobenius norm squared), in (0, 1] (default: off)")
+    ex.add_argument("--dtype", default="float32",
+                    help="precision of the LoRA factors: float32, or float16 for half the file (default: float32)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
+    ex.add_argument("--base", help="for a delta folder whose base has moved: the base's new place; its hash "
+                                   "is checked (default: the base recorded in the delta)")
     ex.set_defaults(func=_cmd_export)
 
-    gd = sub.add_parser("guard", help="FreezeAsGuard: learn which UNet tensors to freeze")
-    gd.add_argument("--model", required=True)
-    gd.add_argument("--concept", action="append", help="illegal concept (shapes world)")
-    gd.add_argument("--legal", action="append", help="legal concept to keep trainable (shapes world)")
-    gd.add_argument("--illegal-data", help="folder of captioned images of the illegal domain")
-    gd.add_argument("--legal-data", help="folder of captioned images of the legal domain")
-    gd.add_argument("--rho", type=float, default=0.5, help="fraction of UNet parameters to freeze")
-    gd.add_argument("--rounds", type=int, default=8)
-    gd.add_argument("--images", type=int, default=64, help="rendered images per domain (shapes)")
-    gd.add_argument("--seed", type=int, default=0)
-    gd.add_argument("--out", required=True)
-    gd.add_argument("--overwrite", action="store_true")
+    gd = _sub(sub, "guard", "FreezeAsGuard: learn which UNet tensors to freeze",
+              "obliviate guard --model runs/1 --concept star --legal circle --out runs/1-guarded")
+    gd.add_argument("--model", required=True, help=_MODEL_HELP + " (required)")
+    gd.add_argument("--concept", action="append", help="illegal concept, shapes world, repeatable (default: none)")
+    gd.add_argument("--legal", action="append",
+                    help="legal concept to keep trainable, shapes world, repeatable (default: none)")
+    gd.add_argument("--illegal-data", help="folder of captioned images of the illegal domain (default: none)")
+    gd.add_argument("--legal-data", help="folder of captioned images of the legal domain (default: none)")
+    gd.add_argument("--rho", type=float, default=0.5, help="fraction of UNet parameters to freeze (default: 0.5)")
+    gd.add_argument("--rounds", type=int, default=8, help="mask-learning rounds (default: 8)")
+    gd.add_argument("--images", type=int, default=64, help="rendered images per domain, shapes world (default: 64)")
+    gd.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    gd.add_argument("--out", required=True, help="output folder: the model with its guard mask (required)")
+    gd.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
     gd.set_defaults(func=_cmd_guard)
 
-    ft = sub.add_parser("finetune", help="fine-tune a model's UNet, honouring its guard mask")
-    ft.add_argument("--model", required=True)
-    ft.add_argument("--data", help="folder of images with captions.json or .txt captions")
-    ft.add_argument("--concepts", action="append", help="render images of these (shapes world)")
-    ft.add_argument("--images", type=int, default=64)
-    ft.add_argument("--steps", type=int, default=100)
-    ft.add_argument("--lr", type=float, default=1e-4)
-    ft.add_argument("--batch-size", type=int, default=8)
-    ft.add_argument("--no-mask", action="store_true", help="ignore the guard mask (for comparison)")
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--device", default="cpu")
-    ft.add_argument("--out", required=True)
-    ft.add_argument("--overwrite", action="store_true")
+    ft = _sub(sub, "finetune", "fine-tune a model's UNet, honouring its guard mask",
+              "obliviate finetune --model runs/1-guarded --concepts star --steps 100 --out runs/attacked")
+    ft.add_argument("--model", required=True, help=_MODEL_HELP + " (required)")
+    ft.add_argument("--data", help="folder of images with captions.json or .txt captions (default: none)")
+    ft.add_argument("--concepts", action="append", help="render images of these, shapes world, repeatable "
+                                                          "(default: none)")
+    ft.add_argument("--images", type=int, default=64, help="rendered images, shapes world (default: 64)")
+    ft.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default: 100)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    ft.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
+    ft.add_argument("--no-mask", action="store_true", help="ignore the guard mask, for comparison (default: off)")
+    ft.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    ft.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    ft.add_argument("--out", required=True, help="output folder (required)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
     ft.set_defaults(func=_cmd_finetune)
 
-    b = sub.add_parser("bench", help="sequential requests, several methods, with attacks and a report")
-    b.add_argument("--model", default="shapes")
-    b.add_argument("--methods", default="duge,esd,uce")
-    b.add_argument("--sequence", default="star,striped,square,red,triangle,dotted")
-    b.add_argument("--images-per-combo", type=int, default=2)
-    b.add_argument("--attacks", default="",
-                   help="comma list of paraphrase,softprompt,hardprompt,conditioning,resurgence")
+    b = _sub(sub, "bench", "sequential requests, several methods, with attacks and a report",
+             "obliviate bench --methods duge,uce --sequence star,striped --images-per-combo 1 --report runs/report")
+    b.add_argument("--model", default="shapes", help=_MODEL_HELP + " (default: shapes)")
+    b.add_argument("--methods", default="duge,esd,uce",
+                   help=f"comma list of methods from: {methods}; METHOD+refresh adds refresh learning, "
+                        "METHOD+robust the adversarial plug-in (default: duge,esd,uce)")
+    b.add_argument("--sequence", default="star,striped,square,red,triangle,dotted",
+                   help="comma list of concepts, one request each, in order "
+                        "(default: star,striped,square,red,triangle,dotted)")
+    b.add_argument("--images-per-combo", type=int, default=2,
+                   help="images per object x colour x style prompt after each request (default: 2)")
+    b.add_argument("--attacks", default="", help=f"comma list of {attacks} (default: none)")
     b.add_argument("--attack-budget", default="quick", choices=("quick", "full"),
-                   help="soft-prompt ladder (see eval --help); default quick")
+                   help="soft-prompt ladder, as in `eval --attack-budget` (default: quick)")
     b.add_argument("--attack-targets", default="all",
                    help="removed concepts to attack: all, first, or a comma list (default: all)")
     b.add_argument("--attack-when", default="removal", choices=("removal", "final"),
                    help="attack each target right after the request that removed it (removal, default) "
                         "or on the model after the last request (final)")
-    b.add_argument("--set", action="append", metavar="METHOD:KEY=VALUE")
-    b.add_argument("--json")
-    b.add_argument("--report", help="folder for index.html and figures")
-    b.add_argument("--work", help="folder for the models of each step (default: temp)")
+    b.add_argument("--set", action="append", metavar="METHOD:KEY=VALUE",
+                   help="method option for one method, repeatable (default: the method's)")
+    b.add_argument("--json", help="write the results to this JSON file (default: print only)")
+    b.add_argument("--report", help="folder for index.html and figures (default: none)")
+    b.add_argument("--work", help="folder for the models of each step (default: a temporary folder)")
     b.set_defaults(func=_cmd_bench)
 
-    d = sub.add_parser("demo", help="a tour of a model: sample grids, metrics, an HTML page")
-    d.add_argument("--model", default="shapes")
-    d.add_argument("--out", default="runs/demo")
+    d = _sub(sub, "demo", "a tour of a model: sample grids, metrics, an HTML page",
+             "obliviate demo --out runs/demo")
+    d.add_argument("--model", default="shapes", help=_MODEL_HELP + " (default: shapes)")
+    d.add_argument("--out", default="runs/demo", help="folder for index.html and figures (default: runs/demo)")
     d.set_defaults(func=_cmd_demo)
     return parser
 

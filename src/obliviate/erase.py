@@ -33,6 +33,7 @@ from .engine.robust import Robust
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method, set_common
+from .model_card import write_card
 from .pipeline import DELTA_FILE, load_pipeline
 from .request import Request
 from .resources import PeakMemory
@@ -235,8 +236,12 @@ def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None
         if robust is not None:
             robust.save(tmp)
         if entry is not None:
-            entry = LedgerEntry(**{**entry.__dict__, "bytes_stored": _folder_bytes(tmp)})
             ledger = ledger.append(entry)
+        write_card(tmp, ledger, extra={"Storage": "delta: only the tensors that differ from the base "
+                                                  "(load with obliviate)" if storage == "delta" else "full"})
+        if entry is not None:
+            entry = LedgerEntry(**{**entry.__dict__, "bytes_stored": _folder_bytes(tmp)})
+            ledger = ledger.truncated(len(ledger.entries) - 1).append(entry)
         ledger.save(tmp)
     return entry
 

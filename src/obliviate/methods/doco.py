@@ -10,38 +10,20 @@ prompts — together with prior preservation L_prior = ‖ε − ε_θ(x_t, c_an
 anchor images. Gradient surgery per tensor (`project_conflicts`): where g_adv conflicts with
 g_prior, the conflicting component is removed from g_adv. D is warmed up before θ trains.
 Trains the cross-attention key/value projections.
-Choice: timesteps are drawn from t in [0, 600) where x̂₀ is informative enough for D.
-Choice: `prior_target="teacher"` (default) replaces the prior's denoising target ε by φ's
-prediction, ‖ε_θ(x_t, c_anc, t) − ε_φ(x_t, c_anc, t)‖², as DUGE does (measured there: the data
-form's gradient is mostly sampling noise); `"data"` is the source's ‖ε − ε_θ(x_t, c_anc, t)‖².
-Measured on the shapes model, removing "star" (144 judged images): the data form at 80
-steps, lr 1e-3 reached UA 0.50; at 160 steps, lr 3e-3, UA 0.79 with the anchor (circle)
-losing 0.21 accuracy; the teacher form at 160 steps, lr 3e-3: UA 0.96, other objects and
-colours unchanged, styles −0.02. Those are the defaults.
-Choice: `disc_condition="auto"` (default) makes D conditional, as pix2pix's PatchGAN is,
-unless every target is an object: it then sees the predicted clean latent stacked with the
-noisy latent x_t it was predicted from (`True`/`False` force either). The source's D sees
-x̂₀ alone and so accepts any output of the anchor's domain, whatever its object: removing
-the style "striped" (anchor "solid") after "star" on the model shipped 2026-11-25 (144
-judged images), striped UA 0.944 but the striped prompts' objects went too (objects −0.167
-against the shipped model). With x_t beside it, a "real" clean latent must also fit its own
-noisy input, which still shows the object and colour: striped UA 0.972, objects −0.042,
-colours −0.132; star, which DoCo does not replay, came back to UA 0.75.
-On an object, where the anchor replaces the whole shape, the conditional D costs removal:
-star from the shipped model UA 0.896 (288 images, objects −0.042) and 0.71 in the
-six-request benchmark (144, other objects at 0.89); the unconditional D: UA 1.000, objects
-−0.017 (144). Hence "auto".
-Seeds: the chain star then striped with erase seeds 0-3 (144 images, 2 CPU cores): star UA
-1.00, 0.83, 1.00, 0.92 (objects −0.00 to −0.03); striped UA 0.97, 1.00, 0.89, 0.97 (objects
-−0.04 to −0.10), star back to UA 0.75-0.96 after it.
-Tried and dropped (the source has one request): a replay term holding θ under 16 prompts
-naming each earlier target at φ's prediction (where they are already erased),
-‖ε_θ(x_t, c_earlier, t) − ε_φ(x_t, c_earlier, t)‖², added after the surgery, with draws of its
-own so the request's batches stayed the same. Same chain: star after striped 0.83, 0.83,
-1.00, 0.75 (without: 0.75, 0.83, 0.96, 0.88), striped UA 0.97, 1.00, 0.97, 0.86 (objects
-−0.01 to −0.08); inside the prior term, sharing the request's draws: striped 0.94, 0.97,
-0.97, 0.61. No consistent gain. Star with 240 steps instead of 160 on seeds 1 and 3:
-UA 0.92 and 0.88 (from 0.83 and 0.92), within one image's noise: not the default.
+
+Choices where the source is silent:
+- Timesteps are drawn from t in [0, 600), where x̂₀ is informative enough for D.
+- `prior_target="teacher"` (default) replaces the prior's target ε by φ's prediction,
+  ‖ε_θ(x_t, c_anc, t) − ε_φ(x_t, c_anc, t)‖², as DUGE does: the data form's gradient is mostly
+  sampling noise (star UA 0.79 against 0.96 at the defaults); `"data"` is the source's.
+- `disc_condition="auto"` (default) makes D conditional, as pix2pix's PatchGAN is, unless
+  every target is an object: it then sees x̂₀ stacked with the noisy latent x_t it was
+  predicted from (`True`/`False` force either). Seeing x̂₀ alone, D accepts any output of the
+  anchor's domain, so a style's prompts lost their objects too; on an object, where the
+  anchor replaces the whole shape, the conditional D weakened the removal.
+- No replay of earlier targets (the source has one request); a replay term gave no
+  consistent gain.
+The measured settings, seeds and dropped variants are in docs/experiments.md (DoCo).
 """
 
 from __future__ import annotations

@@ -7,42 +7,19 @@ The UNet and VAE are frozen. No anchor: the concept's embedding drifts until the
 longer evokes it, landing near some concept the model already knows.
 Trains the MLPs (fc1, fc2) of every text-encoder layer. For the shapes world the "real"
 images are rendered; for a real model, `images=DIR` names a folder of them.
-Choice: timesteps are drawn from the middle of the schedule (t in [200, 800)), where the
-prompt decides the most about the image; near t=0 the loss says nothing about the concept.
-Choice (the source has no preservation term): the MLPs are shared by every token, so pure
-ascent also moved colours and styles (measured on the shapes model: star UA 0.06 while
-colour accuracy dropped 0.24). A keep term holds the text encoder's output on prompts that
-name no removed concept (the lineage's memory prompts and the request's related concepts)
-at φ's, normalised by its size:
+
+Choices where the source is silent:
+- Timesteps are drawn from the middle of the schedule (t in [200, 800)), where the prompt
+  decides the most about the image; near t=0 the loss says nothing about the concept.
+- A keep term (the source has no preservation term): the MLPs are shared by every token, so
+  pure ascent also moved colours and styles. It holds the text encoder's output on prompts
+  that name no removed concept (the lineage's memory prompts and the request's related
+  concepts) at φ's, normalised by its size:
     L = −‖ε − ε_θ(x_t, τ_θ(p_tgt), t)‖² + λ_keep·‖τ_θ(p_keep) − τ_φ(p_keep)‖² / ‖τ_φ(p_keep)‖².
-It costs one text-encoder pass (no UNet). `lambda_keep=0` is the source's method.
-Measured removing "star" (144 judged images): 60 steps with λ_keep 1 -> UA 0.92, colours
-−0.10; λ_keep 10 held everything, star included (UA 0.08); 80 steps with λ_keep 3 (the
-defaults) -> UA 1.00, other objects unchanged, 8 s. The colour loss left (−0.10) is on
-prompts naming the target: ascent takes the whole prompt's meaning with it, so "a red star"
-no longer comes out red either.
-Seeds: chain star then striped with erase seeds 0-3 (144 images each, 2 CPU cores): star UA
-0.96-1.00 every time, but striped UA 1.00, 0.06, 0.50, 0.25. For seed 3, 120 steps, lr 2e-3,
-λ_keep 1 or 48 prompts all left it at UA 0.08-0.17: the ascent, unanchored, stops either side
-of the judge's boundary, and which side hangs on the draw. A style's texture is decided at
-low t, below the default window: with t in [0, 400) striped went on seeds 1, 2 and 3 (UA 1.00
-each, striped alone from the shipped model) but took the striped prompts' objects with it
-(objects −0.13 to −0.21; [50, 500) on seed 3: UA 1.00, −0.19): the text encoder carries the
-whole prompt, so there is no cheap window. Not the default. With the window for the style
-only and 144 keep prompts (same chain, seeds 0-3): striped UA 1.00, 1.00, 0.97, 1.00 but
-objects −0.11 to −0.21 and FID 27-28 (base 6.4); λ_keep 10 with it: striped UA 0.31-0.53,
-star back to 0.42-0.92 — the keep term that spares the rest also spares the target.
-More tries, same chain, seeds 0-3 (2026-11-26): 8 shots instead of 4, striped UA 1.00, 0.08,
-0.83, 0.44 (star 0.83-0.96); the window [100, 600) for both requests, striped 1.00, 0.89,
-0.58, 0.92 but star 0.79-0.96; [100, 600) for the style only, striped 1.00, 0.47, 0.64, 0.86
-with objects −0.05 to −0.16. The ascent's loss shows why the seeds differ: on seed 0 the
-striped loss rose from 0.043 to 0.11 over the 80 steps, on seeds 1 and 3 only from 0.026 to
-0.043 and 0.039 to 0.051: on those draws the ascent hardly moves the loss, and the style
-stays. None kept.
-Each image with its own caption instead of template prompts (the caption names what the
-image shows, so the prompt agrees with the image): star UA 0.04-0.17 on seeds 0-3 — the
-ascent spreads over every word the caption and image share; the template prompts, whose
-other words vary freely, leave the concept word as the one consistent signal.
+  It costs one text-encoder pass (no UNet). `lambda_keep=0` is the source's method; 80 steps
+  with λ_keep 3 (the defaults) removed star with the other objects unchanged, in 8 s.
+A style is fragile: whether the unanchored ascent removes it hangs on the erase seed. The
+measured settings, seeds and dropped variants are in docs/experiments.md (fewshot-te).
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..checkpoint import atomic_folder, load_training_state, save_training_state
+from ..ledger import weights_sha256
+from ..model_card import write_card
 from ..evaluate.judge import Judge, augment, to_tensor
 from ..finetune import prompt_ids
 from ..generate import generate_images
@@ -505,6 +507,8 @@ def save_shapes_model(pipe, judge: Judge, out: Path, meta: dict) -> None:
         judge.save(tmp / "judge")
         info = {"world": "shapes", "sampler": SAMPLER_DEFAULTS, **meta}
         (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
+        write_card(tmp, None, weights_sha256=weights_sha256(pipe),
+                   extra={"Training": "the shapes world's Stable Diffusion and its judge, `obliviate train-base`"})
 
 
 def judge_accuracy(judge: Judge, n: int, seed: int) -> dict[str, float]:
