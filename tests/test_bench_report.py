@@ -44,7 +44,8 @@ def test_bench_measures_every_step_and_attack(bench_result):
     attacks = bench_result["attacks"]["uce"]["star"]
     ladder = attacks["softprompt"]
     assert [r["steps"] for r in ladder["rungs"]] == [20, 40, 30]  # every rung is reported
-    assert ladder["worst"]["accuracy"] == max(r["accuracy"] for r in ladder["rungs"]) == 1 - ladder["ua"]
+    assert ladder["worst"]["accuracy"] == max(r["accuracy"] for r in ladder["rungs"])
+    assert ladder["ua"] == pytest.approx(1 - ladder["worst"]["accuracy"])
     assert 0 <= attacks["paraphrase"]["ua"] <= 1
     assert "accuracy_after" in attacks["resurgence"]
     # by default each target is attacked on the model right after the request that removed it
