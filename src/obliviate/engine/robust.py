@@ -87,7 +87,8 @@ class Robust:
                 isinstance(value, (int, float)) and not isinstance(value, bool)
                 and (want is float or float(value).is_integer()))
             if not ok:
-                raise ObliviateError(f"--robust setting {key}={value!r} must be a {want.__name__}")
+                kind = {"int": "a whole number", "float": "a number", "bool": "true or false"}[want.__name__]
+                raise ObliviateError(f"--robust setting {key}={value!r} must be {kind}")
             settings[key] = want(value)
         robust = cls(vectors=vectors or {}, **settings)
         if (not 1 <= robust.tokens <= 4 or robust.every < 1 or robust.mine_steps < 0 or robust.first_steps < 0
