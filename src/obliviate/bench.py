@@ -198,8 +198,7 @@ def robustness_summary(result: dict) -> list[dict]:
         bound = [r["conditioning"]["accuracy"] for r in attacks.values() if "conditioning" in r]
         out.append({"method": method, "lowest_ua": min(rows[-1]["ua"].values()),
                     "kept": rows[-1]["retained_ratio"], "softprompt": max(soft, default=None),
-                    "hardprompt": max(hard, default=None), "upper_bound": max(bound, default=None),
-                    "seconds": [r["seconds"] for r in rows]})
+                    "hardprompt": max(hard, default=None), "upper_bound": max(bound, default=None)})
     return out
 
 

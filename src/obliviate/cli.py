@@ -43,6 +43,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate.attacks import ATTACKS, check_attacks
     from .evaluate.evaluation import evaluate_model
     from .pipeline import load_pipeline
 
@@ -54,9 +55,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     check_seed(args.seed)
     check_device(args.device)
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else []
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown or (args.attacks is not None and not attacks):
+    if args.attacks is not None and not attacks:
         raise ObliviateError(f"--attacks {args.attacks!r}: choose from {', '.join(ATTACKS)} (comma list)")
+    check_attacks(attacks, args.attack_budget)
     concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]
     if args.judge:
         from .evaluate.external_judges import check_judge
@@ -157,7 +158,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"wrote {index}")
 
 
-ATTACKS = ("paraphrase", "softprompt", "hardprompt", "conditioning", "resurgence")  # evaluate.attacks.ATTACKS
 
 
 def parse_options(pairs: list[str]) -> dict:

@@ -32,13 +32,29 @@ def _img(data: bytes, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
 
 
-def _line_plot(result: dict, key: str, ylabel: str) -> bytes:
+def _axes(figsize: tuple[float, float]):
+    """A new matplotlib figure and axes on the headless backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    return plt.subplots(figsize=figsize, dpi=100)
+
+
+def _figure_png(fig) -> bytes:
+    """`fig` laid out, as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _line_plot(result: dict, key: str, ylabel: str) -> bytes:
+    fig, ax = _axes((6, 3.5))
     seq = result["sequence"]
     for method in result["methods"]:
         rows = [r for r in result["rows"] if r["method"] == method]
@@ -49,24 +65,15 @@ def _line_plot(result: dict, key: str, ylabel: str) -> bytes:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _figure_png(fig)
 
 
 def _robustness_plot(result: dict) -> bytes:
     """Bars per method: lowest UA, kept (never-removed / base), worst-case recovery."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .bench import robustness_summary
 
     summary = robustness_summary(result)
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    fig, ax = _axes((7, 3.5))
     keys = (("lowest_ua", "lowest UA"), ("kept", "kept / base"), ("softprompt", "soft-prompt recovery"),
             ("hardprompt", "hard-prompt recovery"), ("upper_bound", "upper bound"))
     width = 0.8 / len(keys)
@@ -77,11 +84,7 @@ def _robustness_plot(result: dict) -> bytes:
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _figure_png(fig)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

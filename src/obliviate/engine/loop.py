@@ -68,21 +68,19 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
     for step in range(start, steps):
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
         batch = method.batch(ctx, batch_size, generator)
-        adversarial = nullcontext()
+        soft = nullcontext  # a fresh context per use: the mined soft prompts, read by θ's text encoder
         if robust is not None:
             robust.mine(ctx, step)
             batch, ids, vectors = robust.adversarial(method, batch, generator)
-            adversarial = robust.active(ctx, ids, vectors)
+            soft = lambda: robust.active(ctx, ids, vectors)  # noqa: E731
         batch = shard(batch, acc.process_index, acc.num_processes)
         if refresh is not None:
-            with acc.autocast(), adversarial:
+            with acc.autocast(), soft():
                 grads = torch.autograd.grad(sum(method.loss(ctx, batch).values()), plist, allow_unused=True)
             grads = [acc.reduce(g, reduction="mean") if g is not None and acc.num_processes > 1 else g
                      for g in grads]
             refresh.unlearn(names, plist, grads, generator)
-        if robust is not None:
-            adversarial = robust.active(ctx, ids, vectors)
-        with acc.autocast(), adversarial:
+        with acc.autocast(), soft():
             terms = method.loss(ctx, batch)
         total = sum(terms.values())
         if not torch.isfinite(total):

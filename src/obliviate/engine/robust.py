@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 from ..errors import ObliviateError
 
 PROMPTS_FILE = "robust_prompts.safetensors"
-# characters the defence uses as soft-token slots (single tokens no caption uses); the
-# first four are the attack's own placeholders, which a defence does not need
+# characters the defence uses as soft-token slots (single tokens no caption uses; the
+# attack's own placeholders, evaluate.softprompt.PLACEHOLDERS, are left out)
 SLOTS = tuple("$%&*@!?+=<>{}[]()/:;_`")
 INITS = ("concept", "neutral", "random")
 
@@ -101,8 +101,8 @@ class Robust:
 
     @classmethod
     def settings_keys(cls) -> tuple[str, ...]:
-        return ("every", "mine_steps", "first_steps", "tokens", "vary_tokens", "pool", "share", "lr",
-                "batch_size", "prompts", "t_low", "t_high")
+        """The user's settings: every field but the pool and the working state."""
+        return tuple(f.name for f in fields(cls) if f.name != "vectors" and not f.name.startswith("_"))
 
     def check(self, method) -> None:
         """Refuse a method that does not say where its forget prompts are."""
@@ -176,7 +176,7 @@ class Robust:
                     break
                 slots = self._slots[next_slot: next_slot + len(vec)]
                 next_slot += len(vec)
-                used_ids += [i for _, i in slots]
+                used_ids += [tid for _, tid in slots]
                 used_vectors.append(vec)
                 prompts[i] = put(words[name], " ".join(ch for ch, _ in slots), prompt)
             sub.setdefault(f"_plain_{fld}", sub[fld])
@@ -205,8 +205,7 @@ class Robust:
         tensors = {f"{name}.{i}": v.contiguous() for name, pool in self.vectors.items()
                    for i, v in enumerate(pool)}
         if tensors:
-            save_file(tensors, Path(folder) / PROMPTS_FILE,
-                      metadata={"targets": json.dumps(sorted(self.vectors)), "tokens": str(self.tokens)})
+            save_file(tensors, Path(folder) / PROMPTS_FILE, metadata={"targets": json.dumps(sorted(self.vectors))})
 
     @classmethod
     def from_folder(cls, folder: Path | None, **settings) -> "Robust":
@@ -214,8 +213,8 @@ class Robust:
         vectors: dict[str, list[torch.Tensor]] = {}
         path = Path(folder) / PROMPTS_FILE if folder else None
         if path and path.exists():
-            for key, value in sorted(load_file(path).items(), key=lambda kv: (kv[0].rpartition('.')[0], int(kv[0].rpartition('.')[2]))):
-                name = key.rpartition(".")[0]
+            indexed = {(k.rpartition(".")[0], int(k.rpartition(".")[2])): v for k, v in load_file(path).items()}
+            for (name, _), value in sorted(indexed.items()):
                 vectors.setdefault(name, []).append(value)
         return cls.checked(settings, vectors)
 

@@ -85,20 +85,16 @@ def invert(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tens
     Adam on ‖ε − ε_θ(x_t, E(ids; v), t)‖². Gradients flow only to the vectors; the models'
     own parameters get none. Returns the final vectors, snapshots at the steps in
     `judge_at`, and the loss per step."""
-    device = latents.device
+    from ..finetune import denoising_loss
+
     vectors = vectors.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([vectors], lr=lr)
     snapshots, losses = {}, []
-    lo, hi = t_range
     with soft_tokens(text_encoder, token_ids, vectors):
         for step in range(1, steps + 1):
             idx = torch.randint(0, len(latents), (batch_size,), generator=generator)
-            x0 = latents[idx]
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            t = torch.randint(lo, hi, (batch_size,), generator=generator).to(device)
-            context = text_encoder(ids[idx])[0]
-            pred = unet(scheduler.add_noise(x0, noise, t), t, context).sample
-            loss = (pred - noise).pow(2).mean()
+            loss = denoising_loss(unet, scheduler, latents[idx], text_encoder(ids[idx])[0], generator,
+                                  t_range=t_range)
             (grad,) = torch.autograd.grad(loss, [vectors])
             vectors.grad = grad
             opt.step()

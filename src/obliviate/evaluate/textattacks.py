@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..finetune import prompt_ids
+from ..finetune import denoising_loss, prompt_ids
 from ..shapes import vocab
 from .softprompt import concept_data
 
@@ -159,9 +159,8 @@ def conditioning_attack(pipe, judge, concept: str, steps: int = 300, lr: float =
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        idx, noise, t = _fixed_batch(latents, gen, batch_size, t_range, pipe.device)
-        pred = unet(sched.add_noise(latents[idx], noise, t), t, context[idx] + delta).sample
-        loss = (pred - noise).pow(2).mean()
+        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        loss = denoising_loss(unet, sched, latents[idx], context[idx] + delta, gen, t_range=t_range)
         (delta.grad,) = torch.autograd.grad(loss, [delta])
         opt.step()
         losses.append(float(loss.detach()))
@@ -169,5 +168,5 @@ def conditioning_attack(pipe, judge, concept: str, steps: int = 300, lr: float =
     with _added_to_naming(text, word_id, delta.detach()):
         acc = concept_accuracy(pipe, judge, concept, naming_prompts(concept, n_eval, seed + 1), seed)
     return {"ua": 1 - acc, "accuracy": acc, "steps": steps, "n": n_eval,
-            "delta_norm_ratio": float(delta.norm() / context[0].norm()),
+            "delta_norm_ratio": float(delta.detach().norm() / context[0].norm()),
             "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:]))}

@@ -94,11 +94,11 @@ class UCE(Method):
         erase, guides = c_e, c_g
         edited, norms = self._edit(ctx, originals, erase, guides, c_p), []
         d = c_e.shape[1]
+        eye = torch.eye(d, dtype=torch.float64, device=c_e.device)
         for _ in range(self.rece_rounds):
             gram = sum(m.weight.double().T @ m.weight.double() for m, _ in originals.values())
             cross = sum(m.weight.double().T @ w for m, w in originals.values())
             scale = float(torch.trace(gram)) / d
-            eye = torch.eye(d, dtype=torch.float64, device=c_e.device)
             found = (torch.linalg.solve(gram + self.rece_lambda * scale * eye, cross @ c_e.T)).T
             norms.append(float(found.norm(dim=1).mean() / c_e.norm(dim=1).mean()))
             erase, guides = torch.cat([erase, found]), torch.cat([guides, c_g])
