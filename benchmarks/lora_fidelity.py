@@ -14,7 +14,8 @@ For each case (a model folder obliviate wrote, erased from the shipped `shapes` 
         --cases duge-1,uce-1,esd-1,duge-6
 
 A case `METHOD-K` is METHOD's lineage after the first K requests of star, striped, square,
-red, triangle, dotted; a missing folder `WORK/METHOD-K` is erased first (default settings,
+red, triangle, dotted (`METHOD:KEY=VALUE;...-K` with method options, e.g. `esd:lora_rank=16-1`:
+ESD trained through rank-16 adapters); a missing folder `WORK/METHOD-K` is erased first (default settings,
 seed 0, one request after another). Prints a markdown table; `--json` keeps the figures.
 """
 
@@ -63,12 +64,15 @@ def ensure_case(work: Path, case: str) -> Path:
     from obliviate.erase import erase
     from obliviate.request import Request
 
-    method, k = case.rsplit("-", 1)
+    name, k = case.rsplit("-", 1)
+    method, _, setting = name.partition(":")
+    options = {key: json.loads(value) for key, value in (pair.split("=") for pair in setting.split(";") if pair)}
     previous = "shapes"
     for i in range(1, int(k) + 1):
-        folder = work / f"{method}-{i}"
+        folder = work / f"{name}-{i}"
         if not folder.exists():
-            erase(load_pipeline(previous), Request((SEQUENCE[i - 1],)), method=method, out=folder)
+            erase(load_pipeline(previous), Request((SEQUENCE[i - 1],)), method=method, options=options,
+                  out=folder)
         previous = folder
     return work / case
 

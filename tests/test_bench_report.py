@@ -26,7 +26,7 @@ def bench_result(tmp_path_factory):
     try:
         return run_bench(["uce", "duge+refresh"], ["star", "striped"], model=str(base), images_per_combo=1,
                          attacks=["paraphrase", "softprompt", "resurgence"], work=root / "work",
-                         options={"duge": {"steps": 2}}, grid_images=4, progress=False)
+                         options={"duge": {"steps": 2}}, grid_images=4, progress=False, seeds=(0, 1))
     finally:
         softprompt.LADDERS["quick"] = quick
 
@@ -55,6 +55,58 @@ def test_bench_measures_every_step_and_attack(bench_result):
     assert json.loads(to_json(bench_result))["rows"][0]["method"] == "uce"
 
 
+def test_bench_repeats_over_seeds_and_shows_each_never_removed_concept(bench_result):
+    from obliviate.bench import erosion, never_removed
+
+    runs = bench_result["runs"]
+    assert sorted(runs) == [0, 1] and bench_result["rows"] == runs[0]
+    assert [(r["method"], r["step"]) for r in runs[1]] == [(r["method"], r["step"]) for r in runs[0]]
+    assert "seed1" in runs[1][0]["model"] and "seed0" in runs[0][0]["model"]
+    kept = never_removed(bench_result)
+    assert "star" not in kept and "striped" not in kept and {"cross", "dotted", "red"} <= set(kept)
+    summary = {e["method"]: e for e in erosion(bench_result)}
+    assert set(summary) == {"uce", "duge+refresh"}
+    for e in summary.values():
+        assert [p["seed"] for p in e["seeds"]] == [0, 1]
+        assert e["worst"]["kept_lowest"] == min(p["kept_lowest"] for p in e["seeds"])
+        ratios = e["seeds"][0]["ratios"]
+        assert set(ratios) == set(kept) and all(len(v) == 2 for v in ratios.values())
+        base = bench_result["base"]["per_concept"]
+        row = [r for r in runs[0] if r["method"] == e["method"]][-1]
+        assert ratios["cross"][-1] == pytest.approx(row["per_concept"]["cross"] / base["cross"]["accuracy"])
+    text = table(bench_result)
+    assert "never-removed accuracy / shipped model's" in text and "worst" in text and "mean" in text
+
+
+def test_bench_presets_and_bad_sequences():
+    from obliviate.bench import SEQUENCES, check_seeds, resolve_sequence
+    from obliviate.errors import ObliviateError
+    from obliviate.shapes import vocab
+
+    neighbours = resolve_sequence("neighbours")
+    for target in neighbours:  # each target is the declared relative of a concept that stays
+        assert any(target in vocab.CONCEPTS[c].related for c in vocab.CONCEPTS if c not in neighbours), target
+    long = resolve_sequence("long")
+    assert len(long) == 12 and {vocab.CONCEPTS[c].kind for c in long} == {"object", "colour", "style"}
+    assert resolve_sequence("star, red") == ["star", "red"] and resolve_sequence("friendly") == list(SEQUENCES["friendly"])
+    for bad in ("", "star,star", "neighbors", "star,unicorn"):
+        with pytest.raises(ObliviateError):
+            resolve_sequence(bad)
+    for bad in ([], [0, 0], [-1], ["x"]):
+        with pytest.raises(ObliviateError):
+            check_seeds(bad)
+
+
+def test_bench_cli_refuses_a_bad_sequence_or_seed_before_any_work(tmp_path, capsys):
+    from obliviate.cli import main
+
+    for extra in (["--sequence", "neighbors"], ["--seeds", "0,x"], ["--seeds", "1,1"]):
+        assert main(["bench", "--methods", "uce", "--work", str(tmp_path / "w"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("--sequence" in err or "--seeds" in err), err
+    assert not (tmp_path / "w").exists()
+
+
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
@@ -77,6 +129,7 @@ def test_report_renders_in_headless_chromium(bench_result, tmp_path):
     index = write_report(bench_result, tmp_path / "report", command="obliviate bench ...")
     folder = index.parent
     assert (folder / "ua.png").exists() and (folder / "retained.png").exists()
+    assert (folder / "erosion-uce.png").exists() and (folder / "erosion-duge-refresh.png").exists()
     assert list(folder.glob("grid-before-star.png")) and list(folder.glob("grid-duge-refresh-related-star.png"))
     browser = _chromium()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -61,6 +61,31 @@ def test_lora_loaded_by_plain_diffusers_reproduces_the_edit_at_full_rank(lineage
     assert checked > 20  # convs and linears of the UNet and the text encoder's MLPs
 
 
+def test_a_method_trained_through_lora_exports_exactly_at_its_rank(lineage, capsys):
+    """ESD with lora_rank=2: the output is plain weights (no adapter left), only weights of
+    Linear/Conv2d layers moved, each by a change of rank <= 2, and a rank-2 LoRA export
+    loaded by plain diffusers gives those weights back."""
+    from diffusers import StableDiffusionPipeline
+
+    base = load_pipeline(lineage / "base")
+    erase(base, Request(("star",)), method="esd", options={"variant": "u", "lora_rank": 2}, out=lineage / "l1",
+          steps=2, batch_size=2, lr=1e-2, progress=False)
+    assert not any("lora" in n for n in base.unet.state_dict())
+    edited, was = load_pipeline(lineage / "l1").unet.state_dict(), load_pipeline(lineage / "base").unet.state_dict()
+    moved = [n for n in edited if not torch.equal(edited[n], was[n])]
+    assert len(moved) > 10 and all(n.endswith(".weight") and "norm" not in n for n in moved), moved[:5]
+    for n in moved:
+        change = (edited[n] - was[n]).flatten(1)
+        assert torch.linalg.matrix_rank(change, rtol=1e-4) <= 2, n
+    assert main(["export", str(lineage / "l1"), "--format", "lora", "--rank", "2", "--out", str(lineage / "l1-lora")]) == 0
+    plain = StableDiffusionPipeline.from_pretrained(lineage / "base")
+    plain.load_lora_weights(str(lineage / "l1-lora"))
+    plain.fuse_lora(components=["unet"])
+    plain.unload_lora_weights()
+    got = plain.unet.state_dict()
+    assert all(torch.allclose(got[n], edited[n], atol=1e-5) for n in edited)
+
+
 def test_kohya_file_has_the_a1111_key_names_and_low_rank(lineage):
     from safetensors import safe_open
 

@@ -31,7 +31,44 @@ from .pipeline import load_pipeline
 from .request import Request
 from .shapes import vocab
 
-DEFAULT_SEQUENCE = ("star", "striped", "square", "red", "triangle", "dotted")
+# Named sequences (`--sequence NAME`); any comma list of concepts works too.
+SEQUENCES = {
+    # no target's declared relative has to survive it
+    "friendly": ("star", "striped", "square", "red", "triangle", "dotted"),
+    # every target is the declared relative of a concept that stays (cross: star, magenta: red,
+    # diamond: square, dotted: striped, cyan: blue, outlined: solid)
+    "neighbours": ("star", "red", "square", "striped", "blue", "solid"),
+    # twelve requests over objects, colours and styles; diamond, cross, cyan and solid stay
+    "long": ("star", "red", "striped", "square", "green", "dotted", "triangle", "blue", "outlined",
+             "circle", "yellow", "magenta"),
+}
+DEFAULT_SEQUENCE = SEQUENCES["friendly"]
+
+
+def resolve_sequence(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """A preset name (friendly, neighbours, long) or a comma list of concepts, checked: known
+    concepts of the shapes world, each once. One-line error otherwise."""
+    if isinstance(spec, str):
+        spec = SEQUENCES.get(spec.strip(), [c.strip() for c in spec.split(",") if c.strip()])
+    names = list(spec)
+    if not names:
+        raise ObliviateError(f"--sequence is empty; give {', '.join(SEQUENCES)} or a comma list of concepts")
+    unknown = [c for c in names if c not in vocab.CONCEPTS]
+    if unknown:
+        raise ObliviateError(f"--sequence: {unknown[0]!r} is neither a preset ({', '.join(SEQUENCES)}) nor a "
+                             f"concept of the shapes world")
+    if len(set(names)) != len(names):
+        raise ObliviateError("--sequence names a concept twice; each request removes a new concept")
+    return names
+
+
+def check_seeds(seeds) -> list[int]:
+    """Erase seeds, each a non-negative integer, at least one, no repeats."""
+    seeds = list(seeds)
+    if not seeds or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ObliviateError(f"--seeds must be distinct whole numbers >= 0 (e.g. 0,1,2), not {seeds!r}")
+    return seeds
 
 
 def _retained(metrics: dict, base: dict, removed: list[str], sequence: list[str]) -> dict:
@@ -47,9 +84,19 @@ def _retained(metrics: dict, base: dict, removed: list[str], sequence: list[str]
 def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", images_per_combo: int = 2,
               attacks: list[str] = (), work: Path | None = None, save: str = "delta",
               options: dict | None = None, grid_images: int = 8, progress: bool = True,
-              attack_targets: str = "all", attack_when: str = "removal", attack_budget: str = "quick") -> dict:
-    """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids)."""
+              attack_targets: str = "all", attack_when: str = "removal", attack_budget: str = "quick",
+              seeds: tuple[int, ...] = (0,)) -> dict:
+    """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids).
+
+    With several `seeds`, every method runs the whole sequence once per erase seed: `rows`
+    (what the table and the report's curves show) are the first seed's, `runs` holds every
+    seed's rows, and `erosion(result)` the worst and mean over seeds. Grids and attacks come
+    from the first seed. Every row keeps every concept's accuracy (`per_concept`), so the
+    erosion of one never-removed concept is visible, not averaged away.
+    """
     # bad arguments fail here, before any model is loaded or image generated
+    sequence = resolve_sequence(sequence)
+    seeds = check_seeds(seeds)
     attacked = _attack_targets(attack_targets, list(sequence))
     if attack_when not in ("removal", "final"):
         raise ObliviateError(f"--attack-when {attack_when!r}: choose removal or final")
@@ -83,33 +130,39 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     before = {"generated": base["generated"], "labels": base["labels"]}
     grids = {"before": {k: v for c in sequence for k, v in grid(dict(before), c).items()}}
     base.pop("generated"), base.pop("labels")
-    rows, attack_results = [], {}
-    bar = tqdm(total=len(methods) * len(sequence), desc="bench", disable=not progress)
-    for method in methods:
+    runs, attack_results = {seed: [] for seed in seeds}, {}
+    bar = tqdm(total=len(methods) * len(sequence) * len(seeds), desc="bench", disable=not progress)
+    for method, seed in ((m, s) for m in methods for s in seeds):
+        first = seed == seeds[0]
         pipe = load_pipeline(model)
-        grids[method] = {}
+        grids.setdefault(method, {})
         for step, concept in enumerate(sequence, 1):
-            bar.set_postfix(method=method, request=concept)
-            out = work / method / f"{step}-{concept}"
+            bar.set_postfix(method=method, request=concept, seed=seed)
+            out = work / method / (f"{step}-{concept}" if len(seeds) == 1 else f"seed{seed}" / Path(f"{step}-{concept}"))
             name, _, plugin = method.partition("+")
-            result = erase(pipe, Request((concept,)), method=name, out=out, save=save,
+            result = erase(pipe, Request((concept,)), method=name, out=out, save=save, seed=seed,
                            options=(options or {}).get(method, (options or {}).get(name)),
                            refresh=plugin == "refresh", robust=plugin == "robust", progress=False)
             metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
                                      keep_images=True)
             pictures = grid(metrics, concept)
             removed = list(sequence[:step])
-            rows.append({
-                "method": method, "step": step, "removed": concept,
+            runs[seed].append({
+                "method": method, "seed": seed, "step": step, "removed": concept,
                 "ua": {c: 1 - metrics["per_concept"][c]["accuracy"] for c in removed},
                 **_retained(metrics, base, removed, list(sequence)),
+                "per_concept": {c: v["accuracy"] for c, v in metrics["per_concept"].items()},
                 "accuracy": metrics["accuracy"], "fid": metrics["fid"],
                 "seconds": result.entry.seconds, "peak_memory_mb": result.entry.peak_memory_mb,
                 "bytes_stored": result.entry.bytes_stored, "model": str(out),
             })
-            grids[method].update(pictures)
+            if first:
+                grids[method].update(pictures)
             if progress:
-                tqdm.write(format_row(rows[-1], list(sequence)))
+                tqdm.write(format_row(runs[seed][-1], list(sequence)))
+            if not first:
+                bar.update(1)
+                continue
             if attack_when == "removal":
                 now = [concept] if concept in attacked else []
             else:
@@ -127,8 +180,75 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     bar.close()
     return {"model": model, "sequence": list(sequence), "methods": list(methods), "related": related,
             "images_per_combo": images_per_combo, "attack_targets": attacked, "attack_when": attack_when,
-            "base": base, "rows": rows,
+            "base": base, "seeds": seeds, "rows": runs[seeds[0]], "runs": runs,
             "attacks": attack_results, "grids": grids}
+
+
+def never_removed(result: dict) -> list[str]:
+    """Concepts the evaluation measures that no request of the sequence removes."""
+    return [c for c in result["base"]["per_concept"] if c not in result["sequence"]]
+
+
+def erosion(result: dict) -> list[dict]:
+    """Per method and seed, then worst and mean over seeds: every target's UA right after its
+    own request and after the last one, each never-removed concept's accuracy over the
+    base's (lowest over all requests, and after the last), and request k's seconds over
+    request 1's."""
+    base = result["base"]["per_concept"]
+    kept = never_removed(result)
+    out = []
+    for method in result["methods"]:
+        per_seed = []
+        for seed, rows in result.get("runs", {result.get("seeds", [0])[0]: result["rows"]}).items():
+            rows = [r for r in rows if r["method"] == method]
+            if not rows or "per_concept" not in rows[0]:
+                continue
+            ratio = {c: [r["per_concept"][c] / max(base[c]["accuracy"], 1e-9) for r in rows] for c in kept}
+            per_seed.append({
+                "seed": seed,
+                "ua_at_removal": min(r["ua"][r["removed"]] for r in rows),
+                "ua_last": min(rows[-1]["ua"].values()),
+                "kept_lowest": min((min(v) for v in ratio.values()), default=float("nan")),
+                "kept_lowest_last": min((v[-1] for v in ratio.values()), default=float("nan")),
+                "kept_mean_last": float(np.mean([v[-1] for v in ratio.values()])) if ratio else float("nan"),
+                "lowest_concept": min(ratio, key=lambda c: ratio[c][-1]) if ratio else "",
+                "cost_growth": rows[-1]["seconds"] / rows[0]["seconds"],
+                "ratios": ratio,
+            })
+        if not per_seed:
+            continue
+        worst = {k: min(p[k] for p in per_seed) for k in ("ua_at_removal", "ua_last", "kept_lowest",
+                                                             "kept_lowest_last", "kept_mean_last")}
+        worst["cost_growth"] = max(p["cost_growth"] for p in per_seed)
+        mean = {k: float(np.mean([p[k] for p in per_seed])) for k in worst}
+        out.append({"method": method, "seeds": per_seed, "worst": worst, "mean": mean})
+    return out
+
+
+def erosion_lines(result: dict) -> list[str]:
+    """The never-removed concepts' accuracy over the base's after every request (first seed),
+    then the per-seed, worst and mean summary."""
+    kept = never_removed(result)
+    lines = []
+    for e in erosion(result):
+        first = e["seeds"][0]
+        lines.append(f"{e['method']} (seed {first['seed']}): never-removed accuracy / shipped model's, after each request")
+        lines.append(f"{'k':>3} {'removed':<9} | " + " ".join(f"{c[:7]:>7}" for c in kept))
+        rows = [r for r in result["runs"][first["seed"]] if r["method"] == e["method"]]
+        for i, r in enumerate(rows):
+            lines.append(f"{r['step']:>3} {r['removed']:<9} | " + " ".join(f"{first['ratios'][c][i]:7.2f}" for c in kept))
+        lines.append(f"{e['method']}: seed | lowest UA at removal | lowest UA after last | lowest kept (any request) "
+                     "| lowest kept after last (concept) | mean kept after last | seconds k=last / k=1")
+        for p in e["seeds"]:
+            lines.append(f"  {p['seed']:>4} | {p['ua_at_removal']:20.2f} | {p['ua_last']:20.2f} | "
+                         f"{p['kept_lowest']:25.2f} | {p['kept_lowest_last']:20.2f} ({p['lowest_concept']}) | "
+                         f"{p['kept_mean_last']:20.2f} | {p['cost_growth']:.2f}")
+        for label in ("worst", "mean"):
+            v = e[label]
+            lines.append(f"  {label:>4} | {v['ua_at_removal']:20.2f} | {v['ua_last']:20.2f} | {v['kept_lowest']:25.2f} | "
+                         f"{v['kept_lowest_last']:20.2f}{'':{len(e['seeds'][0]['lowest_concept']) + 3}} | "
+                         f"{v['kept_mean_last']:20.2f} | {v['cost_growth']:.2f}")
+    return lines
 
 
 def _attack_targets(spec: str, sequence: list[str]) -> list[str]:
@@ -208,6 +328,7 @@ def table(result: dict) -> str:
     head = (f"{'method':<10} {'k':>2} {'removed':<9} | " + " ".join(f"{c[:5]:>5}" for c in seq)
             + " | in-domain, cross-domain, never-removed/base | Fréchet | cost")
     lines = [head] + [format_row(r, seq) for r in result["rows"]]
+    lines += erosion_lines(result)
     for method, per_concept in result.get("attacks", {}).items():
         lines += _attack_lines(method, per_concept)
     if result.get("attacks"):

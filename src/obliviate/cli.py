@@ -339,7 +339,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench, table, to_json
+    from .bench import check_seeds, run_bench, table, to_json
     from .report import write_report
 
     if args.json is not None:
@@ -352,7 +352,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         if not rest:
             raise ObliviateError(f"--set {pair!r} must look like method:key=value")
         options.setdefault(method, {}).update(parse_options([rest]))
-    result = run_bench(args.methods.split(","), args.sequence.split(","), model=args.model,
+    seeds = [int(x) if x.strip().isdigit() else x for x in args.seeds.split(",")]
+    result = run_bench(args.methods.split(","), args.sequence, model=args.model, seeds=check_seeds(seeds),
                        images_per_combo=args.images_per_combo,
                        attacks=args.attacks.split(",") if args.attacks else [],
                        work=Path(args.work) if args.work else None, options=options,
@@ -584,9 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="duge,esd,uce",
                    help=f"comma list of methods from: {methods}; METHOD+refresh adds refresh learning, "
                         "METHOD+robust the adversarial plug-in (default: duge,esd,uce)")
-    b.add_argument("--sequence", default="star,striped,square,red,triangle,dotted",
-                   help="comma list of concepts, one request each, in order "
-                        "(default: star,striped,square,red,triangle,dotted)")
+    b.add_argument("--sequence", default="friendly",
+                   help="a preset: friendly (star,striped,square,red,triangle,dotted), neighbours (each "
+                        "target the declared relative of a concept that stays: star,red,square,striped,blue,"
+                        "solid) or long (twelve requests); or a comma list of concepts, one request each, "
+                        "in order (default: friendly)")
+    b.add_argument("--seeds", default="0",
+                   help="comma list of erase seeds; the sequence runs once per seed and the erosion "
+                        "summary gives the worst and the mean (default: 0)")
     b.add_argument("--images-per-combo", type=int, default=2,
                    help="images per object x colour x style prompt after each request (default: 2)")
     b.add_argument("--attacks", default="", help=f"comma list of {attacks} (default: none)")

@@ -87,6 +87,23 @@ def _robustness_plot(result: dict) -> bytes:
     return _figure_png(fig)
 
 
+def _erosion_heatmap(result: dict, method: str, ratios: dict[str, list[float]]) -> bytes:
+    """Never-removed concepts (columns) × requests (rows): accuracy over the base model's."""
+    from .bench import never_removed
+
+    kept = never_removed(result)
+    grid = np.array([ratios[c] for c in kept]).T
+    fig, ax = _axes((1.2 + 0.6 * len(kept), 1.0 + 0.35 * len(grid)))
+    image = ax.imshow(grid, vmin=0.5, vmax=1.05, cmap="RdYlGn", aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(kept)), kept, rotation=45, ha="right")
+    ax.set_yticks(range(len(grid)), [f"{i}:{c}" for i, c in enumerate(result["sequence"][:len(grid)], 1)])
+    ax.set_title(f"{method}: never-removed accuracy / base", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    return _figure_png(fig)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -134,6 +151,24 @@ def write_report(result: dict, folder: str | Path, command: str = "") -> Path:
                              f"{r['cra']:.3f}", f"{r['retained_ratio']:.2f}", f"{r['fid']:.2f}"])
             parts.append(f"<h3>{html.escape(method)}</h3>" + _table(
                 ["k", "removed", *seq, "in-domain acc", "cross-domain acc", "kept / base", "Fréchet"], rows))
+        # erosion of every never-removed concept, per request (heat map), and over seeds
+        from .bench import erosion
+
+        parts.append("<h2>Never-removed concepts after each request</h2><p>Each concept's accuracy over "
+                     "the base model's, so the erosion of one neighbour is not averaged away "
+                     f"(seed {result.get('seeds', [0])[0]}); then, per erase seed, the lowest figures.</p>")
+        for e in erosion(result):
+            data = _erosion_heatmap(result, e["method"], e["seeds"][0]["ratios"])
+            (tmp / f"erosion-{e['method'].replace('+', '-')}.png").write_bytes(data)
+            rows = [[str(p["seed"]), f"{p['ua_at_removal']:.2f}", f"{p['ua_last']:.2f}", f"{p['kept_lowest']:.2f}",
+                     f"{p['kept_lowest_last']:.2f} ({html.escape(p['lowest_concept'])})", f"{p['kept_mean_last']:.2f}",
+                     f"{p['cost_growth']:.2f}"] for p in e["seeds"]]
+            rows += [[label, *(f"{e[label][k]:.2f}" for k in ("ua_at_removal", "ua_last", "kept_lowest",
+                                                               "kept_lowest_last", "kept_mean_last", "cost_growth"))]
+                     for label in ("worst", "mean")]
+            parts.append(f"<h3>{html.escape(e['method'])}</h3>{_img(data, e['method'])}" + _table(
+                ["seed", "lowest UA at removal", "lowest UA after last", "lowest kept / base (any request)",
+                 "lowest kept / base after last", "mean kept / base after last", "seconds last / first"], rows))
         # cost
         rows = [[html.escape(r["method"]), str(r["step"]), html.escape(r["removed"]), f"{r['seconds']:.1f}",
                  f"{r['peak_memory_mb']:.0f}", f"{r['bytes_stored'] / 1e6:.2f}"] for r in result["rows"]]

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_training_state, save_training_state
 from ..errors import ObliviateError
+from .lora import add_lora, lora_parameters, merge_lora
+from .lora import add_lora, lora_parameters, merge_lora
 from .params import freeze_all_but
 
 
@@ -45,9 +47,31 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
     what the caller needs to recognise its own checkpoint; `started`: when its request
     began, `time.time()`) is stored in every checkpoint with the seconds spent so far,
     resumed runs included; a resumed run reports `resumed_from_step` and `seconds_before`.
+    A method with `lora_rank` R > 0 trains rank-R adapters on its group instead
+    (engine.lora); they are merged into the weights when the loop ends.
     """
+    rank = getattr(method, "lora_rank", 0)
+    if not rank:
+        return _train(method, ctx, freeze_all_but(ctx.pipe, method.param_group), steps, lr, batch_size, seed,
+                      checkpoint_dir, checkpoint_every, resume, refresh, robust, checkpoint_info)
+    freeze_all_but(ctx.pipe, method.param_group)  # checks the group; then only the adapters train
+    add_lora(ctx.pipe, method.param_group, rank)
+    try:
+        for module in (ctx.pipe.unet, ctx.pipe.text_encoder):
+            module.requires_grad_(False)
+        params = lora_parameters(ctx.pipe)
+        for p in params.values():
+            p.requires_grad_(True)
+        return _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, checkpoint_every,
+                      resume, refresh, robust, checkpoint_info)
+    finally:
+        merge_lora(ctx.pipe)
+
+
+def _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, checkpoint_every, resume,
+           refresh, robust, checkpoint_info) -> dict:
+    """The loop itself, on the trainable tensors `params` ({name: parameter})."""
     acc = ctx.accelerator
-    params = freeze_all_but(ctx.pipe, method.param_group)
     names, plist = list(params), list(params.values())
     optimizer = torch.optim.Adam(plist, lr=lr)
     start, seconds_before = 0, 0.0

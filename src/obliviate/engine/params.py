@@ -9,6 +9,7 @@ Groups (the vocabulary of the erasure literature):
 - `text-mlp`: the MLPs (fc1, fc2) of every text-encoder layer (few-shot text-encoder
   unlearning); `text`: the whole text encoder;
 - `lora`: LoRA adapters added with peft (only the adapters train).
+A union is written with `+`: `attn2-kv+text` trains the cross-attention K/V and the text encoder.
 """
 
 from __future__ import annotations
@@ -33,8 +34,24 @@ _TEXT_RULES: dict[str, Callable[[str], bool]] = {
 GROUPS = (*_UNET_RULES, *_TEXT_RULES, "lora")
 
 
+def check_group(group: str) -> str:
+    """`group`, a group name or a `+`-joined union of them (e.g. `attn2-kv+text-mlp`), checked."""
+    parts = group.split("+") if isinstance(group, str) else [group]
+    bad = [p for p in parts if p not in GROUPS]
+    if bad or ("lora" in parts and len(parts) > 1):
+        raise ObliviateError(f"unknown parameter group {bad[0] if bad else group!r}; choose from "
+                             f"{', '.join(GROUPS)}, or join UNet and text groups with + (e.g. attn2-kv+text-mlp)")
+    return group
+
+
 def named_group(pipe, group: str) -> dict[str, nn.Parameter]:
-    """Parameters of `group`, keyed `unet.<name>` or `text_encoder.<name>`."""
+    """Parameters of `group` (or of a `+`-joined union), keyed `unet.<name>` or `text_encoder.<name>`."""
+    if "+" in group:
+        check_group(group)
+        found = {}
+        for part in group.split("+"):
+            found.update(named_group(pipe, part))
+        return found
     if group in _UNET_RULES:
         module, prefix, rule = pipe.unet, "unet", _UNET_RULES[group]
     elif group in _TEXT_RULES:

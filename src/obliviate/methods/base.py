@@ -131,9 +131,13 @@ def check_option(cls, key: str, value, annotation):
         if value < low:
             raise ObliviateError(f"{what} must be at least {low}, not {value!r}")
     if key == "param_group":
-        from ..engine.params import GROUPS
+        from ..engine.params import check_group
 
-        choices = GROUPS
+        try:
+            check_group(value)
+        except ObliviateError as exc:
+            raise ObliviateError(f"{what}: {exc}") from None
+        choices = None
     else:
         choices = cls.option_choices.get(key)
     if choices and value not in choices:

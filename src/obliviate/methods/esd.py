@@ -6,6 +6,8 @@ Distil negative guidance into θ: on x_t,
 ESD-x (`variant="x"`) trains cross-attention (styles), ESD-u (`"u"`) everything but
 cross-attention (objects); `"auto"` (default) picks u when every target is an object, as
 the reference recommends, and x otherwise.
+`lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
+the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
 rather than from partially sampling φ at every step: both draw x_t from φ's distribution,
 and the cached form costs no sampling inside the loop.
@@ -33,6 +35,7 @@ class ESD(Method):
     lr: float = 1e-4
     batch_size: int = 8
     prompts_per_target: int = 24
+    lora_rank: int = 0
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
