@@ -15,7 +15,7 @@ For each case (a model folder obliviate wrote, erased from the shipped `shapes` 
 
 A case `METHOD-K` is METHOD's lineage after the first K requests of star, striped, square,
 red, triangle, dotted (`METHOD:KEY=VALUE;...-K` with method options, e.g. `esd:lora_rank=16-1`:
-ESD trained through rank-16 adapters); a missing folder `WORK/METHOD-K` is erased first (default settings,
+ESD trained through rank-16 adapters; `seed=N` is the erase seed, 0 unless given); a missing folder `WORK/METHOD-K` is erased first (default settings,
 seed 0, one request after another). Prints a markdown table; `--json` keeps the figures.
 """
 
@@ -67,12 +67,13 @@ def ensure_case(work: Path, case: str) -> Path:
     name, k = case.rsplit("-", 1)
     method, _, setting = name.partition(":")
     options = {key: json.loads(value) for key, value in (pair.split("=") for pair in setting.split(";") if pair)}
+    seed = options.pop("seed", 0)
     previous = "shapes"
     for i in range(1, int(k) + 1):
         folder = work / f"{name}-{i}"
         if not folder.exists():
             erase(load_pipeline(previous), Request((SEQUENCE[i - 1],)), method=method, options=options,
-                  out=folder)
+                  seed=seed, out=folder)
         previous = folder
     return work / case
 

@@ -142,11 +142,16 @@ def test_non_finite_loss_stops_and_writes_nothing(base, tmp_path, monkeypatch):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
-def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("robust", [False, {"every": 2, "mine_steps": 2, "first_steps": 2, "prompts": 4,
+                                             "batch_size": 2}], ids=["plain", "robust"])
+def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch, robust):
+    """Interrupted after a checkpoint and resumed, a request ends with the weights of an
+    uninterrupted run; under --robust that needs the pool of mined soft prompts (and the
+    mining round) from the checkpoint, since step 2 mines on from the newest one."""
     from obliviate.methods.duge import DUGE
 
     straight = load_pipeline(base)
-    erase(straight, Request(("van gogh",)), steps=4, batch_size=2, progress=False)
+    erase(straight, Request(("van gogh",)), steps=4, batch_size=2, progress=False, robust=robust)
 
     def interrupt(self, ctx, step, terms):
         if step == 2:
@@ -156,12 +161,12 @@ def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch):
     monkeypatch.setattr(DUGE, "should_stop", interrupt)
     with pytest.raises(KeyboardInterrupt):
         erase(load_pipeline(base), Request(("van gogh",)), out=tmp_path / "o", steps=4, batch_size=2,
-              checkpoint_every=2, progress=False)
+              checkpoint_every=2, progress=False, robust=robust)
     assert not (tmp_path / "o").exists() and (tmp_path / ".o.ckpt" / "state.json").exists()
     monkeypatch.undo()
     resumed = load_pipeline(base)
     erase(resumed, Request(("van gogh",)), out=tmp_path / "o", steps=4, batch_size=2,
-          checkpoint_every=2, resume=True, progress=False)
+          checkpoint_every=2, resume=True, progress=False, robust=robust)
     for (k, a), b in zip(pipeline_state(straight).items(), pipeline_state(resumed).values()):
         assert torch.allclose(a, b, atol=1e-6), k
 

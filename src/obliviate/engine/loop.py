@@ -82,6 +82,8 @@ def _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, che
             for n, p in params.items():
                 p.copy_(tensors[n])
         method.load_state({k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")})
+        if robust is not None:
+            robust.load_state({k[len("robust.") :]: v for k, v in tensors.items() if k.startswith("robust.")})
         start = info["step"]
         seconds_before = float(info.get("seconds", 0.0))
 
@@ -137,6 +139,8 @@ def _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, che
         if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and acc.is_main_process:
             tensors = {n: p.detach() for n, p in zip(names, plist)}
             tensors.update({f"method.{k}": v for k, v in method.state().items()})
+            if robust is not None:
+                tensors.update({f"robust.{k}": v for k, v in robust.state().items()})
             elapsed = seconds_before + time.time() - info_in.get("started", t0)
             save_training_state(Path(checkpoint_dir), {}, optimizer, tensors,
                                 {"step": step + 1, "seconds": round(elapsed, 2),

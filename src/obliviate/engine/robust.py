@@ -199,6 +199,25 @@ class Robust:
         with soft_tokens(ctx.pipe.text_encoder, ids, vectors.to(ctx.device)):
             yield
 
+    # -- checkpoint --------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """The pool and the mining round, for a training checkpoint (`--resume` goes on
+        defending the soft prompts mined before the interruption)."""
+        out = {f"pool.{name}.{i}": v.contiguous() for name, pool in self.vectors.items() for i, v in enumerate(pool)}
+        out["round"] = torch.tensor(self._round)
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `state`."""
+        if "round" not in tensors:
+            return
+        self._round = int(tensors["round"])
+        indexed = {(k[len("pool."):].rpartition(".")[0], int(k.rpartition(".")[2])): v
+                   for k, v in tensors.items() if k.startswith("pool.")}
+        self.vectors = {}
+        for (name, _), value in sorted(indexed.items()):
+            self.vectors.setdefault(name, []).append(value)
+
     # -- lineage -----------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
         """The pool, per target, beside the model."""

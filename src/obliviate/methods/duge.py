@@ -22,12 +22,15 @@
 - `L_reg`, against generalization erosion: replay of a memory bank (images the original
   model draws for prompts unrelated to any removed concept; same `prior_target` form), a
   pull toward the previous weights λ_pull·‖θ − θ_{k−1}‖², and the `L_attn` terms of every
-  EARLIER request at weight λ_rebound, so removed concepts do not come back.
+  EARLIER request at weight λ_rebound, so removed concepts do not come back (their x_t from
+  the original model's images of the anchor prompts, the same prompts every request, so
+  they are sampled once per lineage and a request's cost does not grow with k).
 Trains the cross-attention key/value projections by default.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -70,7 +73,7 @@ class DUGE(Method):
         self._data["attn"] = self._pairs(ctx, [(t, a) for t, a in zip(req.targets, req.anchors)], rng)
         earlier = [(t, a) for r in ctx.history for t, a in zip(r.targets, r.anchors)]
         if earlier and self.lambda_rebound:
-            self._data["rebound"] = self._pairs(ctx, earlier, rng)
+            self._data["rebound"] = self._rebound_pairs(ctx, earlier)
         if req.preserve and self.lambda_pre:
             per = -(-self.prior_images // len(req.preserve))
             prompts = [p for c in req.preserve for p in ctx.world.prompts_naming(c, per, rng, removed)]
@@ -98,11 +101,29 @@ class DUGE(Method):
         anchors = [a for _, a in pairs]
         return {"p_tgt": [t for t, _ in pairs], "p_anc": anchors, "latents": ctx.model_latents(anchors)}
 
+    def _rebound_pairs(self, ctx, earlier) -> dict:
+        """Pairs of every earlier target, on images the lineage's original model draws for the
+        anchor prompts. Each target's prompts come from a generator seeded by the erase seed
+        and the target's name, so every later request asks for the same images and finds them
+        in the cache: the cost of request k does not grow with k (it did when they were
+        sampled afresh from the current model, 24 more images per earlier target)."""
+        parts = []
+        for t, a in earlier:
+            rng = np.random.default_rng([ctx.seed, zlib.crc32(t.name.encode())])
+            pairs = ctx.world.prompt_pairs(t, a, self.pairs_per_target, rng)
+            anchors = [p for _, p in pairs]
+            parts.append(([p for p, _ in pairs], anchors, ctx.base_latents(anchors)))
+        return {"p_tgt": [p for part in parts for p in part[0]], "p_anc": [p for part in parts for p in part[1]],
+                "latents": torch.cat([part[2] for part in parts])}
+
     def batch(self, ctx, batch_size, generator):
+        """A sub-batch per term; the earlier targets' (rebound) one is half the size, so a
+        request's per-step cost grows by a sixth, not a third, once there are earlier targets."""
         out = {}
         for key, data in self._data.items():
             n = len(data["latents"])
-            idx = torch.randint(0, n, (batch_size,), generator=generator).tolist()
+            size = max(1, batch_size // 2) if key == "rebound" else batch_size
+            idx = torch.randint(0, n, (size,), generator=generator).tolist()
             sub = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in data.items()}
             out[key] = ctx.draw(sub, generator)
         return out
