@@ -59,6 +59,18 @@ def test_robust_wraps_esd_and_uce_has_a_closed_form_variant(shapes_base, tmp_pat
     assert any(not (pipeline_state(plain)[k] == v).all() for k, v in pipeline_state(robust).items())
 
 
+def test_uce_mined_mode_records_what_the_user_set_and_keeps_its_one_token_prompts(shapes_base, tmp_path):
+    """UCE's mined variant mines one-token prompts without changing the settings the ledger
+    records, and hands the pool to the lineage."""
+    settings = {**TINY_ROBUST, "tokens": 2}
+    erase(load_pipeline(shapes_base), Request(("star",)), method="uce", options={"robust_mode": "mined",
+          "rece_rounds": 2}, robust=settings, out=tmp_path / "u", progress=False)
+    recorded = Ledger.load(tmp_path / "u").entries[0].settings["robust"]
+    assert recorded["tokens"] == 2 and recorded["vary_tokens"] is False
+    pool = load_file(tmp_path / "u" / PROMPTS_FILE)
+    assert sorted(pool) == ["star.0", "star.1"] and all(v.shape[0] == 1 for v in pool.values())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--robust", "--robust-set", "tokens=9"], "tokens 1-4"),
     (["--robust", "--refresh", "--method", "uce"], "closed-form"),

@@ -104,6 +104,11 @@ class Robust:
         """The user's settings: every field but the pool and the working state."""
         return tuple(f.name for f in fields(cls) if f.name != "vectors" and not f.name.startswith("_"))
 
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        """(character, token id) of the soft-token slots, once `prepare` has run."""
+        return list(self._slots)
+
     def check(self, method) -> None:
         """Refuse a method that does not say where its forget prompts are."""
         if not getattr(method, "forget_prompts", ()):

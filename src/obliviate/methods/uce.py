@@ -15,7 +15,7 @@ edited layers still map to the target's keys and values and erase it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -115,23 +115,26 @@ class UCE(Method):
         from ..engine.robust import Robust, _word, put
         from ..evaluate.softprompt import soft_tokens
 
-        robust = robust or Robust()
-        robust.tokens, robust.vary_tokens = 1, False  # one token keeps the positions aligned with the anchor
-        robust.prepare(ctx)
+        # one token keeps the positions aligned with the anchor; the caller's settings (as the
+        # ledger records them) are left alone, and only the mined pool is handed back
+        miner = replace(robust or Robust(), tokens=1, vary_tokens=False)
+        miner.prepare(ctx)
         c_e, c_g, c_p, pairs = self._columns(ctx, with_pairs=True)
         originals = self._projections(ctx)
         erase, guides = c_e, c_g
         edited = self._edit(ctx, originals, erase, guides, c_p)
-        (slot, slot_id), text = robust._slots[0], ctx.pipe.text_encoder
+        (slot, slot_id), text = miner.slots[0], ctx.pipe.text_encoder
         for r in range(self.rece_rounds):
             with torch.enable_grad():
-                robust.mine(ctx, r * robust.every)
+                miner.mine(ctx, r * miner.every)
             for name in ctx.request.names:
-                word, vec = _word(name), robust.vectors[name][-1]
+                word, vec = _word(name), miner.vectors[name][-1]
                 prompts = [put(word, slot, t) for t, _ in pairs]
                 with soft_tokens(text, [slot_id], vec.to(ctx.device)):
                     found = ctx.encode(prompts).reshape(-1, c_e.shape[1]).double()
                 erase, guides = torch.cat([erase, found]), torch.cat([guides, c_g])
             self._edit(ctx, originals, erase, guides, c_p)
+        if robust is not None:
+            robust.vectors = miner.vectors
         return {"layers_edited": edited, "columns_erased": len(erase), "columns_preserved": len(c_p),
                 "rounds": self.rece_rounds, "robust_mode": "mined"}
