@@ -258,3 +258,15 @@ def test_erasing_the_same_pipeline_object_twice_continues_its_lineage(shapes_bas
     assert request["anchors"] != ["solid"] and "solid" not in request["preserve"]
     assert json.loads((tmp_path / "2" / "ledger.json").read_text())["entries"][0]["weights_sha256"] \
         == first.entry.weights_sha256
+
+
+def test_the_ledger_records_the_parameter_group_esd_auto_trained(shapes_base, tmp_path):
+    """ESD's `auto` variant picks ESD-u for an object and ESD-x for a style; the ledger says
+    which group was trained, and only that group moved."""
+    for concept, group in (("star", "non-attn2"), ("striped", "attn2")):
+        pipe = load_pipeline(shapes_base)
+        before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+        erase(pipe, Request((concept,)), method="esd", out=tmp_path / concept, **FAST)
+        assert Ledger.load(tmp_path / concept).entries[0].settings["param_group"] == group
+        moved = changed_tensors(before, pipe)
+        assert moved and all((".attn2." in k) == (group == "attn2") for k in moved), sorted(moved)[:3]

@@ -115,6 +115,7 @@ def erase(
     ledger = lineage_of(pipe, new_lineage)
     world = world_for(pipe)
     resolved = request.resolve(world, ledger.removed())
+    m.configure(resolved)  # choices that depend on the request, before the ledger records them
     accelerator = accelerator or Accelerator(cpu=str(pipe.device) == "cpu")
     parent_sha = ledger.head_sha256
     plugin = None

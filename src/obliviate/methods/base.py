@@ -48,6 +48,10 @@ class Method:
     # Options that take one of a few words.
     option_choices: ClassVar[dict[str, tuple]] = {}
 
+    def configure(self, request) -> None:
+        """Settle choices that depend on the (resolved) request, e.g. ESD's variant, before
+        the settings are recorded; runs before `prepare`."""
+
     def prepare(self, ctx) -> None:
         """Build prompts and cached data, take frozen copies; runs before any update."""
 

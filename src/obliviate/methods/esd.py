@@ -45,10 +45,14 @@ class ESD(Method):
             raise ObliviateError(f"ESD variant must be 'x', 'u' or 'auto', not {self.variant!r}")
         self.param_group = "non-attn2" if self.variant == "u" else "attn2"
 
-    def prepare(self, ctx) -> None:
+    def configure(self, request) -> None:
+        """`auto`: ESD-u when every target is an object, else ESD-x (recorded as param_group)."""
         if self.variant == "auto":
-            objects = all(t.kind == "object" for t in ctx.request.targets)
+            objects = all(t.kind == "object" for t in request.targets)
             self.param_group = "non-attn2" if objects else "attn2"
+
+    def prepare(self, ctx) -> None:
+        self.configure(ctx.request)
         rng = np.random.default_rng(ctx.seed)
         prompts = [p for t in ctx.request.targets
                    for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
