@@ -270,3 +270,21 @@ def test_the_ledger_records_the_parameter_group_esd_auto_trained(shapes_base, tm
         assert Ledger.load(tmp_path / concept).entries[0].settings["param_group"] == group
         moved = changed_tensors(before, pipe)
         assert moved and all((".attn2." in k) == (group == "attn2") for k in moved), sorted(moved)[:3]
+
+
+def test_an_earlier_target_follows_its_anchor_when_that_anchor_is_removed_later():
+    """star → circle, square → circle, then circle → cross: DUGE's replay of the earlier
+    targets must now point them at cross, not at the concept this request removes."""
+    from types import SimpleNamespace
+
+    from obliviate.concepts import Target
+    from obliviate.methods.duge import final_anchor
+
+    def req(target, anchor):
+        return SimpleNamespace(targets=(Target(target, "object", (target,)),), anchors=(anchor,))
+
+    ctx = SimpleNamespace(history=[req("star", "circle"), req("square", "circle")], request=req("circle", "cross"))
+    assert [final_anchor(ctx, a) for a in ("circle", "circle", "cross", "diamond")] == \
+        ["cross", "cross", "cross", "diamond"]
+    loop = SimpleNamespace(history=[req("a", "b")], request=req("b", "a"))
+    assert final_anchor(loop, "b") in ("a", "b")  # a cycle ends instead of spinning

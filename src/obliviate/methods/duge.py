@@ -24,7 +24,8 @@
   pull toward the previous weights λ_pull·‖θ − θ_{k−1}‖², and the `L_attn` terms of every
   EARLIER request at weight λ_rebound, so removed concepts do not come back (their x_t from
   the original model's images of the anchor prompts, the same prompts every request, so
-  they are sampled once per lineage and a request's cost does not grow with k).
+  they are sampled once per lineage and a request's cost does not grow with k). An earlier
+  target whose anchor has been removed since follows that removal's anchor (`final_anchor`).
 Trains the cross-attention key/value projections by default.
 """
 
@@ -40,6 +41,20 @@ import torch
 from ..engine.attention import capture_cross_attention
 from ..engine.params import named_group, snapshot
 from .base import Method, register
+
+
+def final_anchor(ctx, anchor: str) -> str:
+    """Where an earlier target now points: its anchor, or, if that anchor has been removed
+    since (this request included), that removal's anchor, and so on. Without it, a target
+    that was sent to a concept removed later (star → circle, then circle → cross) is pinned
+    to the removed concept's attention and fights the new removal (measured: circle's UA 0.48
+    as request 10 of the long preset)."""
+    anchor_of = {t.name: a for r in (*ctx.history, ctx.request) for t, a in zip(r.targets, r.anchors)}
+    seen = set()
+    while anchor in anchor_of and anchor not in seen:
+        seen.add(anchor)
+        anchor = anchor_of[anchor]
+    return anchor
 
 
 @register
@@ -73,7 +88,7 @@ class DUGE(Method):
         self._data["attn"] = self._pairs(ctx, [(t, a) for t, a in zip(req.targets, req.anchors)], rng)
         earlier = [(t, a) for r in ctx.history for t, a in zip(r.targets, r.anchors)]
         if earlier and self.lambda_rebound:
-            self._data["rebound"] = self._rebound_pairs(ctx, earlier)
+            self._data["rebound"] = self._rebound_pairs(ctx, [(t, final_anchor(ctx, a)) for t, a in earlier])
         if req.preserve and self.lambda_pre:
             per = -(-self.prior_images // len(req.preserve))
             prompts = [p for c in req.preserve for p in ctx.world.prompts_naming(c, per, rng, removed)]
