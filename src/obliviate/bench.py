@@ -205,7 +205,8 @@ def erosion(result: dict) -> list[dict]:
                 continue
             ratio = {c: [r["per_concept"][c] / max(base[c]["accuracy"], 1e-9) for r in rows] for c in kept}
             per_seed.append({
-                "seed": seed,
+                "seed": int(seed),  # JSON turns the keys of `runs` into text
+                "steps": [(r["step"], r["removed"]) for r in rows],
                 "ua_at_removal": min(r["ua"][r["removed"]] for r in rows),
                 "ua_last": min(rows[-1]["ua"].values()),
                 "kept_lowest": min((min(v) for v in ratio.values()), default=float("nan")),
@@ -234,9 +235,8 @@ def erosion_lines(result: dict) -> list[str]:
         first = e["seeds"][0]
         lines.append(f"{e['method']} (seed {first['seed']}): never-removed accuracy / shipped model's, after each request")
         lines.append(f"{'k':>3} {'removed':<9} | " + " ".join(f"{c[:7]:>7}" for c in kept))
-        rows = [r for r in result["runs"][first["seed"]] if r["method"] == e["method"]]
-        for i, r in enumerate(rows):
-            lines.append(f"{r['step']:>3} {r['removed']:<9} | " + " ".join(f"{first['ratios'][c][i]:7.2f}" for c in kept))
+        for i, (step, removed) in enumerate(first["steps"]):
+            lines.append(f"{step:>3} {removed:<9} | " + " ".join(f"{first['ratios'][c][i]:7.2f}" for c in kept))
         lines.append(f"{e['method']}: seed | lowest UA at removal | lowest UA after last | lowest kept (any request) "
                      "| lowest kept after last (concept) | mean kept after last | seconds k=last / k=1")
         for p in e["seeds"]:
