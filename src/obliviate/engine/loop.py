@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_training_state, save_training_state
 from ..errors import ObliviateError
-from .lora import add_lora, lora_parameters, merge_lora
-from .lora import add_lora, lora_parameters, merge_lora
+from .lora import add_lora, merge_lora
 from .params import freeze_all_but
 
 
@@ -54,16 +53,10 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
     if not rank:
         return _train(method, ctx, freeze_all_but(ctx.pipe, method.param_group), steps, lr, batch_size, seed,
                       checkpoint_dir, checkpoint_every, resume, refresh, robust, checkpoint_info)
-    freeze_all_but(ctx.pipe, method.param_group)  # checks the group; then only the adapters train
-    add_lora(ctx.pipe, method.param_group, rank)
     try:
-        for module in (ctx.pipe.unet, ctx.pipe.text_encoder):
-            module.requires_grad_(False)
-        params = lora_parameters(ctx.pipe)
-        for p in params.values():
-            p.requires_grad_(True)
-        return _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, checkpoint_every,
-                      resume, refresh, robust, checkpoint_info)
+        add_lora(ctx.pipe, method.param_group, rank)
+        return _train(method, ctx, freeze_all_but(ctx.pipe, "lora"), steps, lr, batch_size, seed, checkpoint_dir,
+                      checkpoint_every, resume, refresh, robust, checkpoint_info)
     finally:
         merge_lora(ctx.pipe)
 

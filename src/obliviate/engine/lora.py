@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..errors import ObliviateError
-from .params import _TEXT_RULES, _UNET_RULES
+from .params import check_group, group_rule
 
 ADAPTER = "obliviate"
 
@@ -32,27 +32,15 @@ def _layers(module: nn.Module, rule) -> list[str]:
 def add_lora(pipe, group: str, rank: int) -> None:
     """Put a rank-`rank` LoRA adapter on every Linear/Conv2d of `group` (UNet or text encoder
     groups, or a `+`-joined union of them)."""
-    for part in group.split("+"):
-        if part in _UNET_RULES:
-            module, rule = pipe.unet, _UNET_RULES[part]
-        elif part in _TEXT_RULES:
-            module, rule = pipe.text_encoder, _TEXT_RULES[part]
-        else:
-            raise ObliviateError(f"lora_rank applies to the groups {', '.join([*_UNET_RULES, *_TEXT_RULES])}, "
-                                 f"not {part!r}")
+    for part in check_group(group).split("+"):
+        if part == "lora":
+            raise ObliviateError("lora_rank applies to a UNet or text-encoder group, not 'lora'")
+        module, _, rule = group_rule(pipe, part)
         targets = _layers(module, rule)
         if not targets:
             raise ObliviateError(f"parameter group {part!r} has no Linear or Conv2d layer for a LoRA")
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)
-
-
-def lora_parameters(pipe) -> dict[str, nn.Parameter]:
-    """The adapters' parameters, keyed `unet.<name>` or `text_encoder.<name>`."""
-    found = {}
-    for prefix in ("unet", "text_encoder"):
-        found.update({f"{prefix}.{n}": p for n, p in getattr(pipe, prefix).named_parameters() if "lora_" in n})
-    return found
 
 
 @torch.no_grad()

@@ -44,6 +44,16 @@ def check_group(group: str) -> str:
     return group
 
 
+def group_rule(pipe, group: str) -> tuple[nn.Module, str, Callable[[str], bool]]:
+    """The component a single UNet or text-encoder group lives in, its name, and the rule that
+    picks the group's parameter names."""
+    if group in _UNET_RULES:
+        return pipe.unet, "unet", _UNET_RULES[group]
+    if group in _TEXT_RULES:
+        return pipe.text_encoder, "text_encoder", _TEXT_RULES[group]
+    raise ObliviateError(f"unknown parameter group {group!r}; choose from {', '.join(GROUPS)}")
+
+
 def named_group(pipe, group: str) -> dict[str, nn.Parameter]:
     """Parameters of `group` (or of a `+`-joined union), keyed `unet.<name>` or `text_encoder.<name>`."""
     if "+" in group:
@@ -52,17 +62,13 @@ def named_group(pipe, group: str) -> dict[str, nn.Parameter]:
         for part in group.split("+"):
             found.update(named_group(pipe, part))
         return found
-    if group in _UNET_RULES:
-        module, prefix, rule = pipe.unet, "unet", _UNET_RULES[group]
-    elif group in _TEXT_RULES:
-        module, prefix, rule = pipe.text_encoder, "text_encoder", _TEXT_RULES[group]
-    elif group == "lora":
-        found = {f"unet.{n}": p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    if group == "lora":
+        found = {f"{prefix}.{n}": p for prefix in ("unet", "text_encoder")
+                 for n, p in getattr(pipe, prefix).named_parameters() if "lora_" in n}
         if not found:
-            raise ObliviateError("no LoRA adapters on this UNet; add them with peft first")
+            raise ObliviateError("no LoRA adapters on this model; add them with peft first")
         return found
-    else:
-        raise ObliviateError(f"unknown parameter group {group!r}; choose from {', '.join(GROUPS)}")
+    module, prefix, rule = group_rule(pipe, group)
     found = {f"{prefix}.{n}": p for n, p in module.named_parameters() if rule(n)}
     if not found:
         raise ObliviateError(f"parameter group {group!r} is empty for this model")

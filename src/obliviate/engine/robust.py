@@ -208,39 +208,42 @@ class Robust:
     def state(self) -> dict[str, torch.Tensor]:
         """The pool and the mining round, for a training checkpoint (`--resume` goes on
         defending the soft prompts mined before the interruption)."""
-        out = {f"pool.{name}.{i}": v.contiguous() for name, pool in self.vectors.items() for i, v in enumerate(pool)}
-        out["round"] = torch.tensor(self._round)
-        return out
+        return {**{f"pool.{k}": v for k, v in _flat(self.vectors).items()}, "round": torch.tensor(self._round)}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of `state`."""
         if "round" not in tensors:
             return
         self._round = int(tensors["round"])
-        indexed = {(k[len("pool."):].rpartition(".")[0], int(k.rpartition(".")[2])): v
-                   for k, v in tensors.items() if k.startswith("pool.")}
-        self.vectors = {}
-        for (name, _), value in sorted(indexed.items()):
-            self.vectors.setdefault(name, []).append(value)
+        self.vectors = _pools({k[len("pool."):]: v for k, v in tensors.items() if k.startswith("pool.")})
 
     # -- lineage -----------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
         """The pool, per target, beside the model."""
-        tensors = {f"{name}.{i}": v.contiguous() for name, pool in self.vectors.items()
-                   for i, v in enumerate(pool)}
+        tensors = _flat(self.vectors)
         if tensors:
             save_file(tensors, Path(folder) / PROMPTS_FILE, metadata={"targets": json.dumps(sorted(self.vectors))})
 
     @classmethod
     def from_folder(cls, folder: Path | None, **settings) -> "Robust":
         """A Robust carrying the soft prompts earlier requests of the lineage mined, if any."""
-        vectors: dict[str, list[torch.Tensor]] = {}
         path = Path(folder) / PROMPTS_FILE if folder else None
-        if path and path.exists():
-            indexed = {(k.rpartition(".")[0], int(k.rpartition(".")[2])): v for k, v in load_file(path).items()}
-            for (name, _), value in sorted(indexed.items()):
-                vectors.setdefault(name, []).append(value)
+        vectors = _pools(load_file(path)) if path and path.exists() else {}
         return cls.checked(settings, vectors)
+
+
+def _flat(vectors: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A pool as flat tensors keyed `TARGET.INDEX` (safetensors takes no nesting)."""
+    return {f"{name}.{i}": v.contiguous() for name, pool in vectors.items() for i, v in enumerate(pool)}
+
+
+def _pools(tensors: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Inverse of `_flat`: each target's soft prompts in index order."""
+    indexed = {(k.rpartition(".")[0], int(k.rpartition(".")[2])): v for k, v in tensors.items()}
+    pools: dict[str, list[torch.Tensor]] = {}
+    for (name, _), value in sorted(indexed.items()):
+        pools.setdefault(name, []).append(value)
+    return pools
 
 
 def _word(name: str) -> re.Pattern:
