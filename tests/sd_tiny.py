@@ -51,3 +51,45 @@ def save_tiny_sd(folder: Path, world: str | None = None) -> Path:
     info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
     (folder / "obliviate.json").write_text(json.dumps(info))
     return folder
+
+
+def tiny_sdxl() -> "StableDiffusionXLPipeline":
+    """A random SDXL-shaped pipeline (seeded): two CLIP encoders (the second with a projected
+    pooled output), a UNet with `text_time` added conditioning reading their concatenated
+    states, the layout of diffusers' own SDXL tests at smaller widths."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    tok.model_max_length = 77
+    config = CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    text, text_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
+    time_dim = 4
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + 16,
+        transformer_layers_per_block=(1, 2), norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                            beta_end=0.012)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sdxl(folder: Path, world: str | None = None) -> Path:
+    """Write `tiny_sdxl()` as a diffusers folder with fast sampler defaults."""
+    tiny_sdxl().save_pretrained(folder, safe_serialization=True)
+    info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
+    (folder / "obliviate.json").write_text(json.dumps(info))
+    return folder

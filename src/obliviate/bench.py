@@ -24,7 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .erase import erase
-from .evaluate.attacks import check_attacks, run_attacks
+from .evaluate.attacks import check_attacks, check_attacks_for, run_attacks
+from .families import family_of
 from .errors import ObliviateError
 from .evaluate.evaluation import evaluate_model, load_judge
 from .pipeline import load_pipeline
@@ -107,6 +108,9 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
                                  "(e.g. duge+robust)")
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
+    check_attacks_for(base_pipe, list(attacks))
+    if any(m.endswith("+robust") for m in methods):
+        family_of(base_pipe).check_text_attacks("--robust")
     judge = load_judge(base_pipe)
     base = evaluate_model(base_pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
                           keep_images=True)

@@ -68,6 +68,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     elif args.concepts:
         raise ObliviateError("--concepts is for real models judged with --judge clip:FOLDER or classifier:FOLDER")
     pipe = load_pipeline(args.model, device=args.device)
+    from .evaluate.attacks import check_attacks_for
+
+    check_attacks_for(pipe, attacks)
     if args.judge:
         from .evaluate.external_judges import evaluate_concepts, load_external_judge
 

@@ -127,6 +127,9 @@ def erase(
                                      **(refresh if isinstance(refresh, dict) else {}))
     adversary = None
     if robust:
+        from .families import family_of
+
+        family_of(pipe).check_text_attacks("--robust")
         source = getattr(pipe, "obliviate_source", None)
         adversary = Robust.from_folder(Path(source) if source and Path(source).is_dir() else None,
                                        **(robust if isinstance(robust, dict) else {}))
@@ -161,8 +164,8 @@ def erase(
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           resume=resume, refresh=plugin, robust=adversary,
                           checkpoint_info={"identity": identity, "started": start})
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.requires_grad_(False).eval()
+    for name in ctx.family.components(pipe):
+        getattr(pipe, name).requires_grad_(False).eval()
     new_sha = weights_sha256(pipe)
     if new_sha == parent_sha:
         raise ObliviateError(

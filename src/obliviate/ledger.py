@@ -22,7 +22,6 @@ from .errors import ObliviateError
 from .request import ResolvedRequest
 
 LEDGER_FILE = "ledger.json"
-HASHED_COMPONENTS = ("unet", "text_encoder", "vae")
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -36,12 +35,15 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def pipeline_state(pipe) -> dict[str, torch.Tensor]:
-    """All weights of the hashed components, keyed `component.parameter`."""
-    return {f"{c}.{k}": v for c in HASHED_COMPONENTS for k, v in getattr(pipe, c).state_dict().items()}
+    """All weights of the pipeline's components (the family's order: denoiser, text
+    encoders, VAE), keyed `component.parameter`."""
+    from .families import family_of
+
+    return {f"{c}.{k}": v for c in family_of(pipe).components(pipe) for k, v in getattr(pipe, c).state_dict().items()}
 
 
 def weights_sha256(pipe) -> str:
-    """Hash of a pipeline's UNet, text encoder and VAE weights: its identity in a ledger."""
+    """Hash of a pipeline's weights (denoiser, text encoders, VAE): its identity in a ledger."""
     return state_sha256(pipeline_state(pipe))
 
 

@@ -1,9 +1,11 @@
-"""Load and save diffusers Stable Diffusion pipelines, safetensors only, offline by default.
+"""Load and save diffusers pipelines (Stable Diffusion 1.x/2.x, SDXL), safetensors only,
+offline by default. The pipeline class comes from the folder's `model_index.json`, or, for a
+single checkpoint file, from its tensor names (SDXL's second text encoder).
 
 A model is named by one of:
 - `shapes`: the small model shipped inside the package (trained by `obliviate train-base`);
 - a local diffusers folder (with `model_index.json`), e.g. one obliviate wrote;
-- a single `.safetensors` checkpoint file (Stable Diffusion 1.x/2.x layout);
+- a single `.safetensors` checkpoint file (Stable Diffusion 1.x/2.x or SDXL layout);
 - a hub id such as `runwayml/stable-diffusion-v1-5`, used only from the local cache unless
   `online=True` (or `OBLIVIATE_ONLINE=1`).
 Pickle checkpoints (.ckpt, .bin, .pt, .pth) are refused: loading them can run arbitrary code.
@@ -20,9 +22,11 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import diffusers
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .errors import ObliviateError
@@ -99,6 +103,34 @@ def could_be_hub_id(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[\w][\w.-]{0,95}", text) is not None and ".." not in text
 
 
+def pipeline_class(source: Path | str):
+    """The diffusers pipeline class to load `source` with: the `_class_name` of a folder's
+    `model_index.json`; for a single .safetensors file, SDXL when it holds the second text
+    encoder (`conditioner.embedders.1`), else Stable Diffusion; for a hub id, Stable Diffusion
+    unless the id names XL. Refuses classes of families obliviate does not support."""
+    from .families import FAMILIES, family_for_class
+
+    name = "StableDiffusionPipeline"
+    if isinstance(source, Path) and source.is_dir():
+        try:
+            name = json.loads((source / "model_index.json").read_text()).get("_class_name", name)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ObliviateError(f"{source}/model_index.json is not readable JSON ({exc}); restore the folder") from None
+    elif isinstance(source, Path):
+        try:
+            with safe_open(str(source), framework="pt") as f:
+                if any(k.startswith("conditioner.embedders.1.") for k in f.keys()):
+                    name = "StableDiffusionXLPipeline"
+        except Exception:  # noqa: BLE001 - unreadable: the loader below reports it in one line
+            pass
+    elif "xl" in str(source).lower():
+        name = "StableDiffusionXLPipeline"
+    if family_for_class(name) is None or not hasattr(diffusers, name):
+        known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
+        raise ObliviateError(f"{source} is a {name}, not a model family obliviate supports yet ({known})")
+    return getattr(diffusers, name)
+
+
 @contextmanager
 def hub_offline(offline: bool = True):
     """While loading: the hub libraries' offline switches on (HF_HUB_OFFLINE,
@@ -134,7 +166,7 @@ def load_pipeline(
     online: bool | None = None,
     delta_base: str | os.PathLike | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a StableDiffusionPipeline from any model name `resolve_model` accepts.
+    """Load a pipeline (Stable Diffusion 1.x/2.x or SDXL) from any name `resolve_model` accepts.
 
     The safety checker is not loaded (erasure research needs the raw output); the progress
     bar of the sampler is off (obliviate shows its own). Unless `online` (or
@@ -145,13 +177,16 @@ def load_pipeline(
     if isinstance(source, Path) and (source / DELTA_FILE).exists():
         return _load_delta(source, device, dtype, online, delta_base)
     online = online if online is not None else os.environ.get("OBLIVIATE_ONLINE") == "1"
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    cls = pipeline_class(source)
+    kwargs = dict(dtype=dtype)
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         with hub_offline(not online):
             if isinstance(source, Path) and source.is_file():
-                pipe = StableDiffusionPipeline.from_single_file(str(source), local_files_only=not online, **kwargs)
+                pipe = cls.from_single_file(str(source), local_files_only=not online, **kwargs)
             else:
-                pipe = StableDiffusionPipeline.from_pretrained(
+                pipe = cls.from_pretrained(
                     str(source), use_safetensors=True, local_files_only=not online, **kwargs
                 )
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:

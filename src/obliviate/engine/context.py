@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from ..concepts import ConceptWorld
-from ..finetune import prompt_ids
+from ..families import Conditioning, family_of
 from ..request import ResolvedRequest
 from .data import LatentCache
 
@@ -41,6 +41,7 @@ class EraseContext:
     _frozen: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.family = family_of(self.pipe)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
@@ -60,7 +61,7 @@ class EraseContext:
 
     # -- frozen copies (φ) -----------------------------------------------------------------
     def frozen(self, component: str) -> torch.nn.Module:
-        """A frozen copy of `unet` or `text_encoder` as it was when first asked for.
+        """A frozen copy of a component (`unet`, `text_encoder`, ...) as it was when first asked for.
 
         Methods ask for it in `prepare()`, before any update, so φ is the model before this
         request.
@@ -72,22 +73,23 @@ class EraseContext:
 
     # -- text --------------------------------------------------------------------------------
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        return prompt_ids(self.tokenizer, prompts).to(self.device)
+        """Ids of `prompts` for the (first) tokenizer, padded as the pipelines pad."""
+        return self.family.token_ids(self.pipe, prompts).to(self.device)
 
-    def encode(self, prompts: list[str], frozen: bool = False) -> torch.Tensor:
-        """Text-encoder hidden states (the UNet's cross-attention context) for `prompts`.
+    def encode(self, prompts: list[str], frozen: bool = False) -> Conditioning:
+        """The denoiser's text conditioning for `prompts` (the family's `Conditioning`:
+        cross-attention states, plus pooled/size conditioning where the family has them).
 
-        With `frozen`, φ's text encoder (no gradient); else θ's, with gradient only if some of
-        its weights are being trained.
+        With `frozen`, φ's text encoders (no gradient); else θ's, with gradient only if some
+        of their weights are being trained.
         """
-        ids = self.token_ids(prompts)
         if frozen:
             with torch.no_grad():
-                return self.frozen("text_encoder")(ids)[0]
-        encoder = self.pipe.text_encoder
-        trains = any(p.requires_grad for p in encoder.parameters())
+                return self.family.encode(self.pipe, prompts, self.frozen)
+        trains = any(p.requires_grad for n in self.family.present_text_encoders(self.pipe)
+                     for p in getattr(self.pipe, n).parameters())
         with torch.set_grad_enabled(trains):
-            return encoder(ids)[0]
+            return self.family.encode(self.pipe, prompts, lambda n: getattr(self.pipe, n))
 
     # -- diffusion ---------------------------------------------------------------------------
     def draw(self, sub: dict, generator: torch.Generator,
@@ -108,17 +110,27 @@ class EraseContext:
         latents, noise, t = (sub[k].to(self.device) for k in ("latents", "noise", "t"))
         return self.noise_scheduler.add_noise(latents, noise, t), noise, t
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        """UNet noise prediction ε(x_t, c, t) of θ, or of φ with `frozen` (no gradient)."""
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, context: Conditioning, frozen: bool = False) -> torch.Tensor:
+        """The denoiser's prediction ε(x_t, c, t) of θ, or of φ with `frozen` (no gradient);
+        ε, v or flow velocity, as the model was trained (`target` gives the matching truth)."""
+        name = self.family.denoiser
         if frozen:
             with torch.no_grad():
-                return self.frozen("unet")(x_t, t, context).sample
-        return self.pipe.unet(x_t, t, context).sample
+                return self.family.predict(self.frozen(name), x_t, t, context)
+        return self.family.predict(getattr(self.pipe, name), x_t, t, context)
+
+    def target(self, sub: dict) -> torch.Tensor:
+        """What the denoiser should predict for a drawn sub-batch: ε for ε-prediction, the
+        velocity α_t·ε − σ_t·x_0 for v-prediction (Stable Diffusion 2.x at 768 px)."""
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            latents, noise, t = (sub[k].to(self.device) for k in ("latents", "noise", "t"))
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        return sub["noise"].to(self.device)
 
     def diffusion_loss(self, sub: dict) -> torch.Tensor:
-        """The ordinary denoising loss ‖ε − ε_θ(x_t, c, t)‖² on a drawn sub-batch."""
-        x_t, noise, t = self.noisy(sub)
-        return (self.eps(x_t, t, self.encode(sub["prompts"])) - noise).pow(2).mean()
+        """The ordinary denoising loss ‖target − pred_θ(x_t, c, t)‖² on a drawn sub-batch."""
+        x_t, _, t = self.noisy(sub)
+        return (self.eps(x_t, t, self.encode(sub["prompts"])) - self.target(sub)).pow(2).mean()
 
     # -- data --------------------------------------------------------------------------------
     def model_latents(self, prompts: list[str], seed: int | None = None) -> torch.Tensor:

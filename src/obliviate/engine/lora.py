@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..errors import ObliviateError
-from .params import check_group, group_rule
+from .params import check_group, group_rules, trainable_components
 
 ADAPTER = "obliviate"
 
@@ -35,12 +35,12 @@ def add_lora(pipe, group: str, rank: int) -> None:
     for part in check_group(group).split("+"):
         if part == "lora":
             raise ObliviateError("lora_rank applies to a UNet or text-encoder group, not 'lora'")
-        module, _, rule = group_rule(pipe, part)
-        targets = _layers(module, rule)
-        if not targets:
-            raise ObliviateError(f"parameter group {part!r} has no Linear or Conv2d layer for a LoRA")
-        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
-        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+        for module, _, rule in group_rules(pipe, part):
+            targets = _layers(module, rule)
+            if not targets:
+                raise ObliviateError(f"parameter group {part!r} has no Linear or Conv2d layer for a LoRA")
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ def merge_lora(pipe) -> int:
     """Fold every adapter into its layer's weight (W ← W₀ + B·A) and put the plain layer back;
     returns how many layers were merged."""
     merged = 0
-    for prefix in ("unet", "text_encoder"):
+    for prefix in trainable_components(pipe):
         root = getattr(pipe, prefix)
         wrapped = [(name, layer) for name, layer in root.named_modules() if isinstance(layer, BaseTunerLayer)]
         for name, layer in wrapped:

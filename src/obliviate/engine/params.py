@@ -7,7 +7,7 @@ Groups (the vocabulary of the erasure literature):
 - `non-attn2`: the UNet without cross-attention (ESD-u);
 - `unet`: the whole UNet (RGD);
 - `text-mlp`: the MLPs (fc1, fc2) of every text-encoder layer (few-shot text-encoder
-  unlearning); `text`: the whole text encoder;
+  unlearning); `text`: the whole text encoder (every text encoder of the family: SDXL's two);
 - `lora`: LoRA adapters added with peft (only the adapters train).
 A union is written with `+`: `attn2-kv+text` trains the cross-attention K/V and the text encoder.
 """
@@ -44,13 +44,15 @@ def check_group(group: str) -> str:
     return group
 
 
-def group_rule(pipe, group: str) -> tuple[nn.Module, str, Callable[[str], bool]]:
-    """The component a single UNet or text-encoder group lives in, its name, and the rule that
-    picks the group's parameter names."""
+def group_rules(pipe, group: str) -> list[tuple[nn.Module, str, Callable[[str], bool]]]:
+    """The components a single UNet or text-encoder group lives in, their names, and the rule
+    that picks the group's parameter names (a text group spans every text encoder)."""
+    from ..families import family_of
+
     if group in _UNET_RULES:
-        return pipe.unet, "unet", _UNET_RULES[group]
+        return [(pipe.unet, "unet", _UNET_RULES[group])]
     if group in _TEXT_RULES:
-        return pipe.text_encoder, "text_encoder", _TEXT_RULES[group]
+        return [(getattr(pipe, n), n, _TEXT_RULES[group]) for n in family_of(pipe).present_text_encoders(pipe)]
     raise ObliviateError(f"unknown parameter group {group!r}; choose from {', '.join(GROUPS)}")
 
 
@@ -63,26 +65,35 @@ def named_group(pipe, group: str) -> dict[str, nn.Parameter]:
             found.update(named_group(pipe, part))
         return found
     if group == "lora":
-        found = {f"{prefix}.{n}": p for prefix in ("unet", "text_encoder")
+        found = {f"{prefix}.{n}": p for prefix in trainable_components(pipe)
                  for n, p in getattr(pipe, prefix).named_parameters() if "lora_" in n}
         if not found:
             raise ObliviateError("no LoRA adapters on this model; add them with peft first")
         return found
-    module, prefix, rule = group_rule(pipe, group)
-    found = {f"{prefix}.{n}": p for n, p in module.named_parameters() if rule(n)}
+    found = {f"{prefix}.{n}": p for module, prefix, rule in group_rules(pipe, group)
+             for n, p in module.named_parameters() if rule(n)}
     if not found:
         raise ObliviateError(f"parameter group {group!r} is empty for this model")
     return found
 
 
 def freeze_all_but(pipe, group: str) -> dict[str, nn.Parameter]:
-    """Make only `group` trainable (requires_grad) in the UNet and text encoder; return it."""
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.requires_grad_(False)
+    """Make only `group` trainable (requires_grad) in the whole pipeline; return it."""
+    from ..families import family_of
+
+    for name in family_of(pipe).components(pipe):
+        getattr(pipe, name).requires_grad_(False)
     params = named_group(pipe, group)
     for p in params.values():
         p.requires_grad_(True)
     return params
+
+
+def trainable_components(pipe) -> tuple[str, ...]:
+    """The components a method may train: the denoiser and the text encoders (not the VAE)."""
+    from ..families import family_of
+
+    return tuple(n for n in family_of(pipe).components(pipe) if n != "vae")
 
 
 def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -98,6 +98,18 @@ def check_attacks(attacks: list[str], budget: str = "quick") -> None:
         raise ObliviateError(f"--attack-budget {budget!r}: choose quick or full")
 
 
+WHITE_BOX = ("softprompt", "hardprompt", "conditioning", "resurgence")
+
+
+def check_attacks_for(pipe, attacks: list[str]) -> None:
+    """Refuse, in one line and before any work, attacks the pipeline's family lacks."""
+    from ..families import family_of
+
+    for a in attacks:
+        if a in WHITE_BOX:
+            family_of(pipe).check_text_attacks(f"the {a} attack")
+
+
 def run_attacks(pipe, judge, targets: list[str], attacks: list[str], seed: int = 0,
                 removed: list[str] | None = None, budget: str = "quick", original=None) -> dict:
     """Every requested attack on every concept of `targets`: `{concept: {attack: result}}`.
@@ -107,6 +119,7 @@ def run_attacks(pipe, judge, targets: list[str], attacks: list[str], seed: int =
     from .textattacks import conditioning_attack, hardprompt_attack
 
     check_attacks(attacks, budget)
+    check_attacks_for(pipe, attacks)
     removed = list(targets) if removed is None else list(removed)
     results = {}
     for concept in targets:

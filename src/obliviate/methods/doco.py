@@ -134,7 +134,8 @@ class DoCo(Method):
         self.disc.requires_grad_(False)
         adv = F.softplus(-self.disc(fake)).mean()
         self.disc.requires_grad_(True)
-        x_t, noise, t = ctx.noisy(batch)
+        x_t, _, t = ctx.noisy(batch)
+        noise = ctx.target(batch)
         if self.prior_target == "teacher":
             noise = ctx.eps(x_t, t, ctx.encode(batch["p_anc"], frozen=True), frozen=True)
         prior = (ctx.eps(x_t, t, ctx.encode(batch["p_anc"])) - noise).pow(2).mean()

@@ -69,6 +69,6 @@ class ESD(Method):
         x_t, _, t = ctx.noisy(batch)
         cond_frozen = ctx.encode(batch.get("_plain_prompts", batch["prompts"]), frozen=True)
         e_c = ctx.eps(x_t, t, cond_frozen, frozen=True)
-        e_0 = ctx.eps(x_t, t, self._null.expand(len(x_t), -1, -1), frozen=True)
+        e_0 = ctx.eps(x_t, t, self._null.expand(len(x_t)), frozen=True)
         target = e_0 - self.eta * (e_c - e_0)
         return {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}

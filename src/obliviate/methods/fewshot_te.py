@@ -68,7 +68,7 @@ class FewShotTextEncoder(Method):
             keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng)
             for c in ctx.request.preserve:
                 keep += ctx.world.prompts_naming(c, max(1, self.keep_prompts // 8), rng, removed)
-            reference = ctx.encode(keep, frozen=True)
+            reference = ctx.encode(keep, frozen=True).states
             self._data["keep"] = {"prompts": keep, "reference": reference,
                                   "scale": float(reference.pow(2).mean()) + 1e-8}
 
@@ -89,6 +89,6 @@ class FewShotTextEncoder(Method):
     def loss(self, ctx, batch):
         terms = {"ascent": -ctx.diffusion_loss(batch)}
         if "keep_prompts" in batch:
-            drift = (ctx.encode(batch["keep_prompts"]) - batch["keep_reference"].to(ctx.device)).pow(2).mean()
+            drift = (ctx.encode(batch["keep_prompts"]).states - batch["keep_reference"].to(ctx.device)).pow(2).mean()
             terms["keep"] = self.lambda_keep * drift / self._data["keep"]["scale"]
         return terms

@@ -163,8 +163,8 @@ class RGD(Method):
         if self.truncate:
             # the class-unlearning reference's per-element truncation: each output element's
             # squared error stops pushing once it passes τ, L_f = mean(min((ε̂ − ε)², τ))
-            x_t, noise, t = ctx.noisy(batch["forget"])
-            err = (ctx.eps(x_t, t, ctx.encode(batch["forget"]["prompts"])) - noise).pow(2)
+            x_t, _, t = ctx.noisy(batch["forget"])
+            err = (ctx.eps(x_t, t, ctx.encode(batch["forget"]["prompts"])) - ctx.target(batch["forget"])).pow(2)
             forget = torch.clamp(err, max=self.truncate).mean()
         else:
             forget = ctx.diffusion_loss(batch["forget"])

@@ -54,8 +54,9 @@ class UCE(Method):
         keep += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
                  for t, _ in world.prompt_pairs(tg, a, self.prompts_per_target // 2, rng)]
         flat = lambda h: h.reshape(-1, h.shape[-1]).double()  # noqa: E731
-        states = (flat(ctx.encode([t for t, _ in pairs], frozen=True)),
-                  flat(ctx.encode([a for _, a in pairs], frozen=True)), flat(ctx.encode(keep, frozen=True)))
+        states = (flat(ctx.encode([t for t, _ in pairs], frozen=True).states),
+                  flat(ctx.encode([a for _, a in pairs], frozen=True).states),
+                  flat(ctx.encode(keep, frozen=True).states))
         return (*states, pairs) if with_pairs else states
 
     def _edit(self, ctx, originals: dict, c_e, c_g, c_p) -> int:
@@ -131,7 +132,7 @@ class UCE(Method):
                 word, vec = _word(name), miner.vectors[name][-1]
                 prompts = [put(word, slot, t) for t, _ in pairs]
                 with soft_tokens(text, [slot_id], vec.to(ctx.device)):
-                    found = ctx.encode(prompts).reshape(-1, c_e.shape[1]).double()
+                    found = ctx.encode(prompts).states.reshape(-1, c_e.shape[1]).double()
                 erase, guides = torch.cat([erase, found]), torch.cat([guides, c_g])
             self._edit(ctx, originals, erase, guides, c_p)
         if robust is not None:

@@ -1,0 +1,104 @@
+"""Model families beyond SD 1.x: every method runs one request on a tiny random SDXL
+pipeline built here, touches only its own parameters, and the output reloads in plain
+diffusers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from obliviate import ObliviateError, load_pipeline
+from obliviate.engine.attention import capture_cross_attention, cross_attention_names
+from obliviate.erase import erase
+from obliviate.families import family_of
+from obliviate.ledger import pipeline_state, weights_sha256
+from obliviate.request import Request
+from sd_tiny import save_tiny_sdxl
+
+FAST = dict(steps=2, batch_size=2, progress=False)
+KV = lambda k: k.startswith("unet.") and (".attn2.to_k." in k or ".attn2.to_v." in k)  # noqa: E731
+
+
+@pytest.fixture()
+def sdxl_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    return save_tiny_sdxl(tmp_path / "sdxl-base", world="shapes")
+
+
+def test_an_sdxl_folder_loads_as_sdxl_and_its_conditioning_has_both_encoders(sdxl_base):
+    pipe = load_pipeline(sdxl_base)
+    family = family_of(pipe)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and family.name == "sdxl"
+    cond = family.encode(pipe, ["a red star", "a blue circle"], lambda n: getattr(pipe, n))
+    width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert cond.states.shape == (2, 77, width) == (2, 77, pipe.unet.config.cross_attention_dim)
+    assert cond.extra["text_embeds"].shape == (2, pipe.text_encoder_2.config.projection_dim)
+    # the attention capture sees every cross-attention layer of the XL UNet, text-wide keys
+    x = torch.randn(2, 4, 8, 8)
+    with capture_cross_attention(pipe.unet) as seen:
+        family.predict(pipe.unet, x, torch.tensor([500, 500]), cond)
+    assert set(seen) == set(cross_attention_names(pipe.unet)) and len(seen) >= 3
+    assert all(r["probs"].shape[-1] == 77 for r in seen.values())
+
+
+@pytest.mark.parametrize("method, concept, options, allowed", [
+    ("duge", "star", {}, KV),
+    ("uce", "star", {}, KV),
+    ("esd", "star", {}, lambda k: k.startswith("unet.") and ".attn2." not in k),
+    ("esd", "striped", {}, lambda k: k.startswith("unet.") and ".attn2." in k),
+    ("doco", "star", {"disc_warmup": 2}, KV),
+    ("rgd", "star", {"pairs_per_target": 4}, lambda k: k.startswith("unet.")),
+    # few-shot text-encoder unlearning trains the MLPs of both CLIP encoders
+    ("fewshot-te", "star", {}, lambda k: k.startswith("text_encoder") and ".mlp.fc" in k),
+])
+def test_every_method_runs_on_sdxl_and_the_output_loads_in_diffusers(sdxl_base, tmp_path, method, concept,
+                                                                       options, allowed):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = load_pipeline(sdxl_base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
+    after = pipeline_state(pipe)
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
+    if method == "fewshot-te":
+        assert {k.split(".")[0] for k in changed} == {"text_encoder", "text_encoder_2"}
+    again = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert weights_sha256(again) == result.entry.weights_sha256
+    assert weights_sha256(load_pipeline(tmp_path / "out")) == result.entry.weights_sha256
+
+
+def test_an_sdxl_lineage_saves_deltas_and_continues(sdxl_base, tmp_path):
+    first = erase(load_pipeline(sdxl_base), Request(("star",)), method="uce", out=tmp_path / "1", **FAST)
+    second = erase(load_pipeline(tmp_path / "1"), Request(("circle",)), method="duge", out=tmp_path / "2",
+                   save="delta", **FAST)
+    assert second.entry.parent_sha256 == first.entry.weights_sha256
+    assert (tmp_path / "2" / "delta.safetensors").exists()
+    reloaded = load_pipeline(tmp_path / "2")
+    assert type(reloaded).__name__ == "StableDiffusionXLPipeline"
+    assert weights_sha256(reloaded) == second.entry.weights_sha256
+    assert [e.method for e in second.ledger.entries] == ["uce", "duge"]
+
+
+def test_an_unsupported_pipeline_class_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ObliviateError, match="not a model family obliviate supports"):
+        load_pipeline(folder)
+
+
+def test_the_cli_erases_an_sdxl_folder_and_refuses_what_sdxl_lacks(sdxl_base, tmp_path, capsys):
+    from obliviate.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["erase", "--model", str(sdxl_base), "--concept", "star", "--out", str(out),
+                 "--steps", "2", "--batch-size", "2"]) == 0
+    assert (out / "ledger.json").exists() and (out / "unet").is_dir() and (out / "text_encoder_2").is_dir()
+    for args in (["erase", "--model", str(sdxl_base), "--concept", "star", "--out", str(tmp_path / "r"), "--robust"],
+                 ["eval", "--model", str(out), "--attacks", "softprompt"]):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not yet" in err and "sdxl" in err, err
+    assert not (tmp_path / "r").exists()
