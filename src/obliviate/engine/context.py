@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 
 from ..concepts import ConceptWorld
 from ..families import Conditioning, family_of
@@ -42,8 +41,7 @@ class EraseContext:
 
     def __post_init__(self):
         self.family = family_of(self.pipe)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.noise_scheduler = self.family.training_scheduler(self.pipe)
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +68,16 @@ class EraseContext:
             module = copy.deepcopy(getattr(self.pipe, component)).eval().requires_grad_(False)
             self._frozen[component] = module
         return self._frozen[component]
+
+    def denoiser(self, frozen: bool = False) -> torch.nn.Module:
+        """θ's denoiser (UNet or transformer), or φ's frozen copy."""
+        name = self.family.denoiser
+        return self.frozen(name) if frozen else getattr(self.pipe, name)
+
+    def freeze(self) -> None:
+        """Make φ now (frozen copies of the denoiser and the text encoders), before any update."""
+        for name in (self.family.denoiser, *self.family.present_text_encoders(self.pipe)):
+            self.frozen(name)
 
     # -- text --------------------------------------------------------------------------------
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
@@ -108,24 +116,25 @@ class EraseContext:
     def noisy(self, sub: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward-diffuse a drawn sub-batch: (x_t, ε, t) on the device."""
         latents, noise, t = (sub[k].to(self.device) for k in ("latents", "noise", "t"))
-        return self.noise_scheduler.add_noise(latents, noise, t), noise, t
+        return self.family.add_noise(self.noise_scheduler, latents, noise, t), noise, t
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, context: Conditioning, frozen: bool = False) -> torch.Tensor:
         """The denoiser's prediction ε(x_t, c, t) of θ, or of φ with `frozen` (no gradient);
         ε, v or flow velocity, as the model was trained (`target` gives the matching truth)."""
-        name = self.family.denoiser
         if frozen:
             with torch.no_grad():
-                return self.family.predict(self.frozen(name), x_t, t, context)
-        return self.family.predict(getattr(self.pipe, name), x_t, t, context)
+                return self.family.predict(self.denoiser(frozen=True), x_t, t, context)
+        return self.family.predict(self.denoiser(), x_t, t, context)
 
     def target(self, sub: dict) -> torch.Tensor:
         """What the denoiser should predict for a drawn sub-batch: ε for ε-prediction, the
-        velocity α_t·ε − σ_t·x_0 for v-prediction (Stable Diffusion 2.x at 768 px)."""
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            latents, noise, t = (sub[k].to(self.device) for k in ("latents", "noise", "t"))
-            return self.noise_scheduler.get_velocity(latents, noise, t)
-        return sub["noise"].to(self.device)
+        velocity for v-prediction (Stable Diffusion 2.x at 768 px), ε − x_0 for flow matching."""
+        latents, noise, t = (sub[k].to(self.device) for k in ("latents", "noise", "t"))
+        return self.family.target(self.noise_scheduler, latents, noise, t)
+
+    def x0(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean latent a prediction of the denoiser implies at x_t, t."""
+        return self.family.x0(self.noise_scheduler, x_t, pred, t)
 
     def diffusion_loss(self, sub: dict) -> torch.Tensor:
         """The ordinary denoising loss ‖target − pred_θ(x_t, c, t)‖² on a drawn sub-batch."""

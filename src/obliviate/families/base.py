@@ -68,6 +68,44 @@ class Family:
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids
 
+    # -- noise and what the denoiser predicts (DDPM: ε- or v-prediction) ----------------------
+    def training_scheduler(self, pipe):
+        """The schedule training noise is drawn on (DDPM from the pipeline's config)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def add_noise(self, sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε."""
+        return sched.add_noise(x0, noise, t)
+
+    def target(self, sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to predict: ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0."""
+        if sched.config.prediction_type == "v_prediction":
+            return sched.get_velocity(x0, noise, t)
+        return noise
+
+    def x0(self, sched, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean latent a prediction implies: (x_t − √(1−ᾱ)·ε)/√ᾱ, or √ᾱ·x_t − √(1−ᾱ)·v."""
+        a = sched.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.ndim - 1))
+        if sched.config.prediction_type == "v_prediction":
+            return a.sqrt() * x_t - (1 - a).sqrt() * pred
+        return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+
+    # -- where the text enters the denoiser ---------------------------------------------------
+    def text_projections(self, denoiser: nn.Module) -> dict[str, nn.Linear]:
+        """The linear layers that read the encoded prompt (UCE's closed-form edit): every
+        cross-attention key and value projection of a UNet."""
+        return {n: m for n, m in denoiser.named_modules() if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")}
+
+    def image_size(self, pipe) -> int:
+        """Native image side in pixels: the denoiser's latent size times the VAE's scale."""
+        return getattr(pipe, self.denoiser).config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def in_channels(self, pipe) -> int:
+        """Latent channels the denoiser takes."""
+        return getattr(pipe, self.denoiser).config.in_channels
+
     def encode(self, pipe, prompts: list[str], get: Getter) -> Conditioning:  # pragma: no cover
         raise NotImplementedError
 

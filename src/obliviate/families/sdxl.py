@@ -30,7 +30,7 @@ class StableDiffusionXL(Family):
             out = encoder(self.token_ids(pipe, prompts, tok_name).to(encoder.device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = out[0]
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = self.image_size(pipe)
         ids = torch.tensor([size, size, 0, 0, size, size], dtype=states[0].dtype, device=states[0].device)
         extra = {"text_embeds": pooled, "time_ids": ids.expand(len(prompts), -1)}
         return Conditioning(torch.cat(states, dim=-1), extra)

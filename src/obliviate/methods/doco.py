@@ -90,10 +90,10 @@ class DoCo(Method):
         torch.manual_seed(ctx.seed)
         self._conditional = (any(t.kind != "object" for t in ctx.request.targets)
                              if self.disc_condition == "auto" else bool(self.disc_condition))
-        channels = ctx.pipe.unet.config.in_channels * (2 if self._conditional else 1)
+        channels = ctx.family.in_channels(ctx.pipe) * (2 if self._conditional else 1)
         self.disc = PatchDiscriminator(channels).to(ctx.device)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.disc_lr, betas=(0.5, 0.999))
-        ctx.frozen("unet"), ctx.frozen("text_encoder")
+        ctx.freeze()
         generator = torch.Generator().manual_seed(ctx.seed + 1)
         for _ in range(self.disc_warmup):
             batch = self.batch(ctx, self.batch_size, generator)
@@ -113,8 +113,7 @@ class DoCo(Method):
         x_t, _, t = ctx.noisy(batch)
         prompts = batch["p_anc"] if frozen else batch["p_tgt"]
         eps = ctx.eps(x_t, t, ctx.encode(prompts, frozen=frozen), frozen=frozen)
-        a = ctx.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        x0 = ctx.x0(x_t, eps, t)
         return torch.cat([x0, x_t], dim=1) if self._conditional else x0
 
     def _update_disc(self, ctx, real: torch.Tensor, fake: torch.Tensor) -> None:

@@ -109,7 +109,7 @@ class DUGE(Method):
         data = self._data["attn"]
         probe = ctx.draw({k: v[:16] for k, v in data.items()}, torch.Generator().manual_seed(0))
         x_t, _, t = ctx.noisy(probe)
-        with capture_cross_attention(ctx.frozen("unet")) as ref:
+        with capture_cross_attention(ctx.denoiser(frozen=True)) as ref:
             ctx.eps(x_t, t, ctx.encode(probe["p_anc"], frozen=True), frozen=True)
         return {name: float(r["output"].pow(2).mean()) + 1e-8 for name, r in ref.items()}
 
@@ -151,9 +151,9 @@ class DUGE(Method):
         `keep` (a prompt field), θ(c) vs φ(c) on those prompts (attention preservation)."""
         x_t, _, t = ctx.noisy(sub)
         mine, theirs = (keep, keep) if keep else ("p_tgt", "p_anc")
-        with capture_cross_attention(ctx.frozen("unet")) as ref:
+        with capture_cross_attention(ctx.denoiser(frozen=True)) as ref:
             ctx.eps(x_t, t, ctx.encode(sub[theirs], frozen=True), frozen=True)
-        with capture_cross_attention(ctx.pipe.unet) as cur:
+        with capture_cross_attention(ctx.denoiser()) as cur:
             ctx.eps(x_t, t, ctx.encode(sub[mine]))
         per_layer = []
         for name, r in ref.items():

@@ -58,7 +58,7 @@ class ESD(Method):
                    for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
         self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
         self._null = ctx.encode([""], frozen=True)
-        ctx.frozen("unet")
+        ctx.freeze()
 
     def batch(self, ctx, batch_size, generator):
         idx = torch.randint(0, len(self._data["prompts"]), (batch_size,), generator=generator).tolist()

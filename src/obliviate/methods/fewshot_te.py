@@ -55,7 +55,7 @@ class FewShotTextEncoder(Method):
 
     def prepare(self, ctx) -> None:
         rng = np.random.default_rng(ctx.seed)
-        size = ctx.pipe.unet.config.sample_size * (2 ** (len(ctx.pipe.vae.config.block_out_channels) - 1))
+        size = ctx.family.image_size(ctx.pipe)
         latents, prompts = [], []
         for target in ctx.request.targets:
             pictures = (read_image_folder(self.images, size, self.shots) if self.images

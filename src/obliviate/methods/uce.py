@@ -71,8 +71,8 @@ class UCE(Method):
 
     @staticmethod
     def _projections(ctx) -> dict:
-        return {name: (module, module.weight.double().clone()) for name, module in ctx.pipe.unet.named_modules()
-                if name.endswith("attn2.to_k") or name.endswith("attn2.to_v")}
+        layers = ctx.family.text_projections(getattr(ctx.pipe, ctx.family.denoiser))
+        return {name: (module, module.weight.double().clone()) for name, module in layers.items()}
 
     @torch.no_grad()
     def apply(self, ctx) -> dict:
