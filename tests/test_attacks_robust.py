@@ -20,7 +20,9 @@ from obliviate.request import Request
 from obliviate.shapes import vocab
 from sd_tiny import save_tiny_sd
 
-TINY_ROBUST = {"every": 2, "mine_steps": 2, "first_steps": 3, "batch_size": 2, "prompts": 4}
+# mining on (DUGE's --robust default is the hardening stage without it)
+TINY_ROBUST = {"every": 2, "mine_steps": 2, "first_steps": 3, "batch_size": 2, "prompts": 4, "mining": True,
+               "harden_steps": 0}
 
 
 @pytest.fixture()
@@ -42,6 +44,26 @@ def test_robust_mines_soft_prompts_and_carries_them_down_the_lineage(shapes_base
     assert {k for k in second if k.startswith("striped.")} == {"striped.0", "striped.1"}
     # the earlier target's soft prompts are kept in the lineage (and defended again)
     assert all((second[k] == first[k]).all() for k in first)
+
+
+def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_path):
+    """DUGE's --robust default: an ESD-u stage changes the UNet outside cross-attention, then
+    DUGE edits the cross-attention keys and values; the ledger records the stage."""
+    pipe = load_pipeline(shapes_base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request(("star",)), out=tmp_path / "h", robust={"harden_steps": 3}, steps=3, batch_size=2,
+                   progress=False)
+    changed = {k for k, v in pipeline_state(pipe).items() if not (v == before[k]).all()}
+    body = {k for k in changed if ".attn2." not in k}
+    kv = {k for k in changed if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert body and kv and all(k.startswith("unet.") for k in changed)
+    settings = Ledger.load(tmp_path / "h").entries[0].settings["robust"]
+    assert settings["harden_steps"] == 3 and settings["mining"] is False
+    assert result.stats["harden_seconds"] >= 0 and not (tmp_path / "h" / PROMPTS_FILE).exists()
+    # without the stage, the body is untouched
+    plain = load_pipeline(shapes_base)
+    erase(plain, Request(("star",)), robust={"harden_steps": 0}, steps=3, batch_size=2, progress=False)
+    assert not any(".attn2." not in k and not (v == before[k]).all() for k, v in pipeline_state(plain).items())
 
 
 def test_robust_wraps_esd_and_uce_has_a_closed_form_variant(shapes_base, tmp_path):

@@ -143,7 +143,8 @@ def test_non_finite_loss_stops_and_writes_nothing(base, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("robust", [False, {"every": 2, "mine_steps": 2, "first_steps": 2, "prompts": 4,
-                                             "batch_size": 2}], ids=["plain", "robust"])
+                                             "batch_size": 2, "mining": True, "harden_steps": 0},
+                                    {"harden_steps": 2}], ids=["plain", "robust-mining", "robust-harden"])
 def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch, robust):
     """Interrupted after a checkpoint and resumed, a request ends with the weights of an
     uninterrupted run; under --robust that needs the pool of mined soft prompts (and the

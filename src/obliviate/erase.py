@@ -27,6 +27,7 @@ from .checkpoint import atomic_folder, checkpoint_meta
 from .concepts import world_for
 from .engine.context import EraseContext
 from .engine.data import LatentCache
+from .engine.harden import harden
 from .engine.loop import train
 from .engine.refresh import Refresh
 from .engine.robust import Robust
@@ -132,7 +133,7 @@ def erase(
         family_of(pipe).check_text_attacks("--robust")
         source = getattr(pipe, "obliviate_source", None)
         adversary = Robust.from_folder(Path(source) if source and Path(source).is_dir() else None,
-                                       **(robust if isinstance(robust, dict) else {}))
+                                       **{**m.robust_settings, **(robust if isinstance(robust, dict) else {})})
         if m.closed_form:
             if not hasattr(m, "apply_robust"):
                 raise ObliviateError(f"--robust: {method!r} is closed-form and has no robust variant")
@@ -157,13 +158,16 @@ def erase(
         if m.closed_form:
             stats = m.apply_robust(ctx, adversary) if adversary else m.apply(ctx)
         else:
+            hardened = harden(ctx, adversary) if adversary and adversary.harden_steps else {}
             m.prepare(ctx)
-            if adversary:
-                adversary.prepare(ctx)
+            miner = adversary if adversary and adversary.mining else None
+            if miner:
+                miner.prepare(ctx)
             stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                          resume=resume, refresh=plugin, robust=adversary,
+                          resume=resume, refresh=plugin, robust=miner,
                           checkpoint_info={"identity": identity, "started": start})
+            stats.update(hardened)
     for name in ctx.family.components(pipe):
         getattr(pipe, name).requires_grad_(False).eval()
     new_sha = weights_sha256(pipe)

@@ -69,6 +69,14 @@ class EraseContext:
             self._frozen[component] = module
         return self._frozen[component]
 
+    def restart(self) -> None:
+        """The weights as they are now become φ, "the model before" (after a stage such as
+        --robust's hardening): frozen copies are retaken and the latent cache keys on them."""
+        from ..ledger import weights_sha256
+
+        self._frozen = {k: v for k, v in self._frozen.items() if k == "base_pipe"}
+        self.model_sha = weights_sha256(self.pipe)
+
     def denoiser(self, frozen: bool = False) -> torch.nn.Module:
         """θ's denoiser (UNet or transformer), or φ's frozen copy."""
         name = self.family.denoiser

@@ -39,8 +39,10 @@ class Method:
     # where the forget prompts sit in a batch: (sub-batch key or None for the batch itself,
     # field); the --robust plug-in substitutes mined soft prompts there
     forget_prompts: ClassVar[tuple[tuple[str | None, str], ...]] = ()
-    # option values the method takes under --robust unless the user sets them
+    # option values the method takes under --robust unless the user sets them, and the
+    # plug-in's own settings (engine.robust.Robust) it takes for this method
     robust_defaults: ClassVar[dict] = {}
+    robust_settings: ClassVar[dict] = {}
     # Declared ranges of options (checked when the method is built): the smallest value of
     # the options below; `lr` must be above 0; every other number must be finite and >= 0.
     option_minimum: ClassVar[dict[str, int]] = {

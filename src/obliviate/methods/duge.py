@@ -66,6 +66,9 @@ class DUGE(Method):
     name: ClassVar[str] = "duge"
     forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"))
     robust_defaults: ClassVar = {"prior_target": "attention"}
+    # --robust: harden the UNet body with ESD-u first, then DUGE as usual (engine.harden);
+    # mined soft prompts added nothing on top of the hardened model (docs/experiments.md)
+    robust_settings: ClassVar = {"harden_steps": 100, "mining": False}
     option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
                                                   "prior_target": ("teacher", "data", "attention")}
     param_group: str = "attn2-kv"
