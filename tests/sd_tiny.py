@@ -93,3 +93,40 @@ def save_tiny_sdxl(folder: Path, world: str | None = None) -> Path:
     info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
     (folder / "obliviate.json").write_text(json.dumps(info))
     return folder
+
+
+def tiny_sd3() -> "StableDiffusion3Pipeline":
+    """A random SD3-shaped pipeline (seeded): two CLIP encoders with projection, no T5 (the
+    pipeline then conditions on zeros in T5's place), an MMDiT with joint attention, a
+    16-channel VAE with a shift factor, the flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    tok.model_max_length = 77
+    config = CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    text, text_2 = CLIPTextModelWithProjection(config), CLIPTextModelWithProjection(config)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32, out_channels=4)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16, shift_factor=0.06, scaling_factor=1.5, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=text_2,
+                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sd3(folder: Path, world: str | None = None) -> Path:
+    """Write `tiny_sd3()` as a diffusers folder with fast sampler defaults."""
+    tiny_sd3().save_pretrained(folder, safe_serialization=True)
+    info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
+    (folder / "obliviate.json").write_text(json.dumps(info))
+    return folder

@@ -1,5 +1,5 @@
-"""Model families beyond SD 1.x: every method runs one request on a tiny random SDXL
-pipeline built here, touches only its own parameters, and the output reloads in plain
+"""Model families beyond SD 1.x: every method runs one request on tiny random SDXL and SD3
+pipelines built here, touches only its own parameters, and the output reloads in plain
 diffusers."""
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from obliviate.erase import erase
 from obliviate.families import family_of
 from obliviate.ledger import pipeline_state, weights_sha256
 from obliviate.request import Request
-from sd_tiny import save_tiny_sdxl
+from sd_tiny import save_tiny_sd3, save_tiny_sdxl
 
 FAST = dict(steps=2, batch_size=2, progress=False)
 KV = lambda k: k.startswith("unet.") and (".attn2.to_k." in k or ".attn2.to_v." in k)  # noqa: E731
+# SD3: the text block of joint attention
+JOINT_KV = lambda k: k.startswith("transformer.") and (".attn.add_k_proj." in k or ".attn.add_v_proj." in k)  # noqa: E731
+JOINT_TEXT = lambda k: k.startswith("transformer.") and (".attn.add_" in k or ".attn.to_add_out." in k)  # noqa: E731
 
 
 @pytest.fixture()
@@ -102,3 +105,53 @@ def test_the_cli_erases_an_sdxl_folder_and_refuses_what_sdxl_lacks(sdxl_base, tm
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "not yet" in err and "sdxl" in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture()
+def sd3_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    return save_tiny_sd3(tmp_path / "sd3-base", world="shapes")
+
+
+def test_an_sd3_folder_loads_and_conditions_as_the_diffusers_pipeline_does(sd3_base):
+    pipe = load_pipeline(sd3_base)
+    family = family_of(pipe)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and family.name == "sd3"
+    cond = family.encode(pipe, ["a red star", "a blue circle"], lambda n: getattr(pipe, n))
+    states, _, pooled, _ = pipe.encode_prompt(["a red star", "a blue circle"], None, None,
+                                             do_classifier_free_guidance=False)
+    assert torch.allclose(cond.states, states) and torch.allclose(cond.extra["pooled_projections"], pooled)
+    x = torch.randn(2, 4, 8, 8)
+    plain = family.predict(pipe.transformer, x, torch.tensor([100, 700]), cond)
+    with capture_cross_attention(pipe.transformer) as seen:
+        recorded = family.predict(pipe.transformer, x, torch.tensor([100, 700]), cond)
+    # the recorder computes joint attention as diffusers does, and sees the text block
+    assert torch.allclose(plain, recorded, atol=1e-5)
+    assert set(seen) == set(cross_attention_names(pipe.transformer)) == {
+        f"transformer_blocks.{i}.attn.processor" for i in range(len(pipe.transformer.transformer_blocks))}
+    assert all(r["probs"].shape[-1] == states.shape[1] for r in seen.values())
+
+
+@pytest.mark.parametrize("method, concept, options, allowed", [
+    ("duge", "star", {}, JOINT_KV),
+    ("uce", "star", {}, lambda k: k.startswith("transformer.context_embedder.")),
+    ("esd", "star", {}, lambda k: k.startswith("transformer.") and not JOINT_TEXT(k)),
+    ("esd", "striped", {}, JOINT_TEXT),
+    ("doco", "star", {"disc_warmup": 2}, JOINT_KV),
+    ("rgd", "star", {"pairs_per_target": 4}, lambda k: k.startswith("transformer.")),
+    ("fewshot-te", "star", {}, lambda k: k.startswith("text_encoder") and ".mlp.fc" in k),
+])
+def test_every_method_runs_on_sd3_and_the_output_loads_in_diffusers(sd3_base, tmp_path, method, concept,
+                                                                     options, allowed):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = load_pipeline(sd3_base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
+    after = pipeline_state(pipe)
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
+    again = StableDiffusion3Pipeline.from_pretrained(tmp_path / "out", local_files_only=True,
+                                                     text_encoder_3=None, tokenizer_3=None)
+    assert weights_sha256(again) == result.entry.weights_sha256
+    assert weights_sha256(load_pipeline(tmp_path / "out")) == result.entry.weights_sha256

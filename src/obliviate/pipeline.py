@@ -131,6 +131,15 @@ def pipeline_class(source: Path | str):
     return getattr(diffusers, name)
 
 
+def absent_components(source: Path | str) -> dict[str, None]:
+    """Components a folder's `model_index.json` records as absent ([null, null]), e.g. an SD3
+    pipeline saved without its T5 encoder: they must be passed as None to load it."""
+    if not (isinstance(source, Path) and source.is_dir()):
+        return {}
+    index = json.loads((source / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+
+
 @contextmanager
 def hub_offline(offline: bool = True):
     """While loading: the hub libraries' offline switches on (HF_HUB_OFFLINE,
@@ -178,7 +187,7 @@ def load_pipeline(
         return _load_delta(source, device, dtype, online, delta_base)
     online = online if online is not None else os.environ.get("OBLIVIATE_ONLINE") == "1"
     cls = pipeline_class(source)
-    kwargs = dict(dtype=dtype)
+    kwargs = dict(dtype=dtype, **absent_components(source))
     if cls is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:

@@ -1,11 +1,13 @@
-"""Read cross-attention inside a diffusers UNet through its attention-processor API.
+"""Read text→image attention inside a diffusers denoiser through its attention-processor API.
 
-`capture_cross_attention(unet)` swaps the processor of every cross-attention layer (`attn2`)
-for `CrossAttentionRecorder`, which computes the layer exactly as diffusers' classic
-`AttnProcessor` does and also keeps, per layer, the attention probabilities
-`softmax(QKᵀ/√d)` (batch·heads, queries, tokens) and the attended output `softmax(QKᵀ/√d)V`
-before the output projection. DUGE's loss and the evaluation heat maps read them; gradients
-flow through them. The original processors come back when the context exits.
+`capture_cross_attention(model)` swaps the processor of every layer where image queries read
+the text: cross-attention (`attn2`) in a UNet, for `CrossAttentionRecorder`, which computes
+the layer exactly as diffusers' classic `AttnProcessor` does; joint attention in an MMDiT
+(SD3), for `JointAttentionRecorder`, as `JointAttnProcessor2_0` does. Each keeps, per layer,
+the probabilities image queries put on text tokens (batch·heads, image queries, text tokens)
+and what those tokens' values add to the image output, P_text·V_text, before the output
+projection (in a UNet all of the layer's output). DUGE's loss and the evaluation heat maps
+read them; gradients flow through them. The original processors come back on exit.
 """
 
 from __future__ import annotations
@@ -41,22 +43,69 @@ class CrossAttentionRecorder:
         return out / attn.rescale_output_factor
 
 
-def cross_attention_names(unet) -> list[str]:
-    """Processor names of every cross-attention layer of a UNet2DConditionModel."""
-    return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+class JointAttentionRecorder:
+    """Attention processor for MMDiT joint attention (image and text tokens attend together)
+    that records the image-query / text-key block."""
+
+    def __init__(self, name: str, store: dict[str, dict[str, torch.Tensor]]):
+        self.name, self.store = name, store
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is None:
+            raise ValueError(f"{self.name}: joint attention without text tokens")
+        batch, heads = hidden_states.shape[0], attn.heads
+
+        def split(x, norm=None):
+            x = x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        q = split(attn.to_q(hidden_states), attn.norm_q)
+        k = split(attn.to_k(hidden_states), attn.norm_k)
+        v = split(attn.to_v(hidden_states))
+        eq = split(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)
+        ek = split(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)
+        ev = split(attn.add_v_proj(encoder_hidden_states))
+        n_img = q.shape[2]
+        q, k, v = torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
+        text_probs = probs[:, :, :n_img, n_img:]
+        text_out = text_probs @ ev
+        self.store[self.name] = {"probs": text_probs.flatten(0, 1), "output": text_out.flatten(0, 1)}
+        out = (probs @ v).transpose(1, 2).reshape(batch, -1, heads * q.shape[-1])
+        image, text = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text
+
+
+def _recorder(model, name: str):
+    """The recorder class for a processor name, or None where image queries do not read text."""
+    attn = model.get_submodule(name.rsplit(".processor", 1)[0])
+    if getattr(attn, "is_cross_attention", False):
+        return CrossAttentionRecorder
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        return JointAttentionRecorder
+    return None
+
+
+def cross_attention_names(model) -> list[str]:
+    """Processor names of every layer where image queries read the text (UNet `attn2`,
+    MMDiT joint attention)."""
+    return [n for n in model.attn_processors if _recorder(model, n) is not None]
 
 
 @contextmanager
-def capture_cross_attention(unet) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
-    """Within the block, each UNet forward fills the yielded dict: layer -> probs/output."""
-    original = unet.attn_processors
+def capture_cross_attention(model) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Within the block, each forward of `model` fills the yielded dict: layer -> probs/output."""
+    original = model.attn_processors
     store: dict[str, dict[str, torch.Tensor]] = {}
-    processors = {
-        name: CrossAttentionRecorder(name, store) if name.endswith("attn2.processor") else proc
-        for name, proc in original.items()
-    }
-    unet.set_attn_processor(processors)
+    processors = {}
+    for name, proc in original.items():
+        recorder = _recorder(model, name)
+        processors[name] = recorder(name, store) if recorder else proc
+    model.set_attn_processor(processors)
     try:
         yield store
     finally:
-        unet.set_attn_processor(original)
+        model.set_attn_processor(original)

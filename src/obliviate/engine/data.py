@@ -80,7 +80,9 @@ def read_image_folder(folder: str | Path, size: int, limit: int | None = None) -
 
 @torch.no_grad()
 def encode_images(pipe, images) -> torch.Tensor:
-    """VAE latents (scaled for the UNet) of uint8 images, posterior mean."""
+    """VAE latents in the denoiser's space, (z − shift)·scale (SD3's VAE has a shift; SD
+    1.x/2.x and SDXL none), of uint8 images, posterior mean."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     x = x.to(pipe.device, pipe.vae.dtype)
-    return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float().cpu()
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    return ((pipe.vae.encode(x).latent_dist.mean - shift) * pipe.vae.config.scaling_factor).float().cpu()

@@ -21,7 +21,8 @@ def harden(ctx, robust) -> dict:
     """Run the ESD-u stage on `ctx` for `robust.harden_steps` steps, then retake φ."""
     from ..methods.base import get_method
 
-    esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr)
+    esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
+                     lambda_keep=robust.harden_keep)
     esd.prepare(ctx)
     stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed)
     ctx.restart()

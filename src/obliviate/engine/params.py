@@ -1,6 +1,8 @@
 """Named parameter groups of a Stable Diffusion pipeline, and freezing everything else.
 
-Groups (the vocabulary of the erasure literature):
+Groups (the vocabulary of the erasure literature; on a transformer family (SD3) the model
+family says what each means: `attn2-kv` is the text block's keys and values in joint
+attention, `unet` the whole transformer):
 - `attn2-kv`: key and value projections of every UNet cross-attention layer (UCE, DoCo,
   DUGE's default) — the only weights that read the text;
 - `attn2`: all of cross-attention (ESD-x);
@@ -21,17 +23,13 @@ from torch import nn
 
 from ..errors import ObliviateError
 
-_UNET_RULES: dict[str, Callable[[str], bool]] = {
-    "attn2-kv": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,
-    "attn2": lambda n: ".attn2." in n,
-    "non-attn2": lambda n: ".attn2." not in n,
-    "unet": lambda n: True,
-}
+# the denoiser's groups; which tensors each takes is the model family's (families.base)
+_DENOISER_GROUPS = ("attn2-kv", "attn2", "non-attn2", "unet")
 _TEXT_RULES: dict[str, Callable[[str], bool]] = {
-    "text-mlp": lambda n: ".mlp.fc1." in n or ".mlp.fc2." in n,
+    "text-mlp": lambda n: ".mlp.fc1." in n or ".mlp.fc2." in n or ".DenseReluDense.w" in n,  # CLIP, T5
     "text": lambda n: True,
 }
-GROUPS = (*_UNET_RULES, *_TEXT_RULES, "lora")
+GROUPS = (*_DENOISER_GROUPS, *_TEXT_RULES, "lora")
 
 
 def check_group(group: str) -> str:
@@ -49,8 +47,9 @@ def group_rules(pipe, group: str) -> list[tuple[nn.Module, str, Callable[[str], 
     that picks the group's parameter names (a text group spans every text encoder)."""
     from ..families import family_of
 
-    if group in _UNET_RULES:
-        return [(pipe.unet, "unet", _UNET_RULES[group])]
+    if group in _DENOISER_GROUPS:
+        family = family_of(pipe)
+        return [(getattr(pipe, family.denoiser), family.denoiser, family.denoiser_rules[group])]
     if group in _TEXT_RULES:
         return [(getattr(pipe, n), n, _TEXT_RULES[group]) for n in family_of(pipe).present_text_encoders(pipe)]
     raise ObliviateError(f"unknown parameter group {group!r}; choose from {', '.join(GROUPS)}")

@@ -5,7 +5,8 @@ to encode prompts, predict from noisy latents, name the weight components and th
 encoders. `family_of(pipe)` finds the family from the loaded pipeline's class.
 - `sd` (sd.py): Stable Diffusion 1.x/2.x, one CLIP encoder, UNet, ε- or v-prediction;
 - `sdxl` (sdxl.py): two CLIP encoders (penultimate states concatenated), pooled text
-  embedding and size/crop ids as extra UNet conditioning.
+  embedding and size/crop ids as extra UNet conditioning;
+- `sd3` (sd3.py): MMDiT transformer with joint attention, CLIP-L + CLIP-G + T5, rectified flow.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 from ..errors import ObliviateError
 from .base import Conditioning, Family
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
 
 
 def family_of(pipe) -> Family:
@@ -26,7 +28,7 @@ def family_of(pipe) -> Family:
             return family
     known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
     raise ObliviateError(f"{cls} is not a model family obliviate supports yet ({known}); "
-                         "load a Stable Diffusion 1.x/2.x or SDXL pipeline")
+                         "load a Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline")
 
 
 def family_for_class(class_name: str) -> Family | None:

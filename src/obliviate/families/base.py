@@ -51,6 +51,13 @@ class Family:
     # the white-box text attacks (soft prompt, hard prompt, conditioning), resurgence
     # fine-tuning and --robust read one CLIP encoder and a plain UNet call
     text_attacks = True
+    # parameter groups of the denoiser (engine.params): which tensor names each one takes
+    denoiser_rules = {
+        "attn2-kv": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,
+        "attn2": lambda n: ".attn2." in n,
+        "non-attn2": lambda n: ".attn2." not in n,
+        "unet": lambda n: True,
+    }
 
     def components(self, pipe) -> tuple[str, ...]:
         """Names of the weight-holding components present in `pipe`, in a fixed order (the

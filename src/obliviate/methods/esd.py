@@ -6,6 +6,11 @@ Distil negative guidance into θ: on x_t,
 ESD-x (`variant="x"`) trains cross-attention (styles), ESD-u (`"u"`) everything but
 cross-attention (objects); `"auto"` (default) picks u when every target is an object, as
 the reference recommends, and x otherwise.
+`lambda_keep=λ` adds a preservation term on prompts that name no removed concept (the
+world's memory prompts and the request's preserve set), images φ draws for them:
+    L_keep = λ·‖ε_θ(x_t, c_keep, t) − ε_φ(x_t, c_keep, t)‖²
+(the source has none; ESD-u alone took colours down 0.13 on the shapes model when used as
+--robust's hardening stage, docs/experiments.md). Default 0: the source's ESD.
 `lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
 the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
@@ -36,6 +41,8 @@ class ESD(Method):
     batch_size: int = 8
     prompts_per_target: int = 24
     lora_rank: int = 0
+    lambda_keep: float = 0.0
+    keep_prompts: int = 32
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -57,13 +64,23 @@ class ESD(Method):
         prompts = [p for t in ctx.request.targets
                    for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
         self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
+        if self.lambda_keep:
+            removed = ctx.removed
+            keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng)
+            keep += [p for c in ctx.request.preserve for p in ctx.world.prompts_naming(c, 4, rng, removed)]
+            self._keep = {"prompts": keep, "latents": ctx.model_latents(keep)}
         self._null = ctx.encode([""], frozen=True)
         ctx.freeze()
 
     def batch(self, ctx, batch_size, generator):
         idx = torch.randint(0, len(self._data["prompts"]), (batch_size,), generator=generator).tolist()
         sub = {"prompts": [self._data["prompts"][i] for i in idx], "latents": self._data["latents"][idx]}
-        return ctx.draw(sub, generator)
+        out = ctx.draw(sub, generator)
+        if self.lambda_keep:
+            k = torch.randint(0, len(self._keep["prompts"]), (batch_size,), generator=generator).tolist()
+            keep = {"prompts": [self._keep["prompts"][i] for i in k], "latents": self._keep["latents"][k]}
+            out["keep"] = ctx.draw(keep, generator)
+        return out
 
     def loss(self, ctx, batch):
         x_t, _, t = ctx.noisy(batch)
@@ -71,4 +88,10 @@ class ESD(Method):
         e_c = ctx.eps(x_t, t, cond_frozen, frozen=True)
         e_0 = ctx.eps(x_t, t, self._null.expand(len(x_t)), frozen=True)
         target = e_0 - self.eta * (e_c - e_0)
-        return {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}
+        terms = {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}
+        if "keep" in batch:
+            x_k, _, t_k = ctx.noisy(batch["keep"])
+            want = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"], frozen=True), frozen=True)
+            got = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"]))
+            terms["keep"] = self.lambda_keep * (got - want).pow(2).mean()
+        return terms
