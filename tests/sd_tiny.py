@@ -130,3 +130,40 @@ def save_tiny_sd3(folder: Path, world: str | None = None) -> Path:
     info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
     (folder / "obliviate.json").write_text(json.dumps(info))
     return folder
+
+
+def tiny_flux() -> "FluxPipeline":
+    """A random Flux-shaped pipeline (seeded): CLIP (pooled) and a small T5 (states), a
+    transformer with one double and one single block and a guidance embedding, a 1-channel
+    VAE (latents packed 2×2 into 4 channels), the flow-matching scheduler; 16-px images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    tok.model_max_length = 77
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True)
+    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=text, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_flux(folder: Path, world: str | None = None) -> Path:
+    """Write `tiny_flux()` as a diffusers folder; its sampler draws 16-px images."""
+    tiny_flux().save_pretrained(folder, safe_serialization=True)
+    info = {"sampler": {**FAST_SAMPLER, "height": 16, "width": 16}, **({"world": world} if world else {})}
+    (folder / "obliviate.json").write_text(json.dumps(info))
+    return folder

@@ -13,7 +13,7 @@ from obliviate.erase import erase
 from obliviate.families import family_of
 from obliviate.ledger import pipeline_state, weights_sha256
 from obliviate.request import Request
-from sd_tiny import save_tiny_sd3, save_tiny_sdxl
+from sd_tiny import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
 
 FAST = dict(steps=2, batch_size=2, progress=False)
 KV = lambda k: k.startswith("unet.") and (".attn2.to_k." in k or ".attn2.to_v." in k)  # noqa: E731
@@ -155,3 +155,48 @@ def test_every_method_runs_on_sd3_and_the_output_loads_in_diffusers(sd3_base, tm
                                                      text_encoder_3=None, tokenizer_3=None)
     assert weights_sha256(again) == result.entry.weights_sha256
     assert weights_sha256(load_pipeline(tmp_path / "out")) == result.entry.weights_sha256
+
+
+@pytest.fixture()
+def flux_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    return save_tiny_flux(tmp_path / "flux-base", world="shapes")
+
+
+def test_a_flux_folder_loads_and_its_double_block_attention_is_recorded_faithfully(flux_base):
+    pipe = load_pipeline(flux_base)
+    family = family_of(pipe)
+    assert type(pipe).__name__ == "FluxPipeline" and family.name == "flux"
+    cond = family.encode(pipe, ["a red star", "a blue circle"], lambda n: getattr(pipe, n))
+    states, pooled, _ = pipe.encode_prompt(["a red star", "a blue circle"], None, max_sequence_length=77)
+    assert torch.allclose(cond.states, states) and torch.allclose(cond.extra["pooled_projections"], pooled)
+    x = torch.randn(2, 64, 4)  # 16 px, VAE scale 1, packed 2x2: 8 x 8 patches of 4 channels
+    plain = family.predict(pipe.transformer, x, torch.tensor([100, 700]), cond)
+    with capture_cross_attention(pipe.transformer) as seen:
+        recorded = family.predict(pipe.transformer, x, torch.tensor([100, 700]), cond)
+    assert torch.allclose(plain, recorded, atol=1e-5)
+    assert list(seen) == ["transformer_blocks.0.attn.processor"]
+    assert seen["transformer_blocks.0.attn.processor"]["probs"].shape == (2 * 2, 64, 77)
+
+
+@pytest.mark.parametrize("method, concept, options, allowed", [
+    ("duge", "star", {}, JOINT_KV),
+    ("uce", "star", {}, lambda k: k.startswith("transformer.context_embedder.")),
+    ("esd", "star", {}, lambda k: k.startswith("transformer.") and not JOINT_TEXT(k)),
+    ("esd", "striped", {}, JOINT_TEXT),
+    ("doco", "star", {"disc_warmup": 2}, JOINT_KV),
+    ("rgd", "star", {"pairs_per_target": 4}, lambda k: k.startswith("transformer.")),
+    # CLIP's MLPs and T5's feed-forward layers
+    ("fewshot-te", "star", {}, lambda k: k.startswith("text_encoder") and (".mlp.fc" in k or ".DenseReluDense.w" in k)),
+])
+def test_every_method_runs_on_flux_and_the_output_loads_in_diffusers(flux_base, tmp_path, method, concept,
+                                                                     options, allowed):
+    from diffusers import FluxPipeline
+
+    pipe = load_pipeline(flux_base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
+    changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
+    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
+    again = FluxPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert weights_sha256(again) == result.entry.weights_sha256

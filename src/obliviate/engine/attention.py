@@ -3,7 +3,9 @@
 `capture_cross_attention(model)` swaps the processor of every layer where image queries read
 the text: cross-attention (`attn2`) in a UNet, for `CrossAttentionRecorder`, which computes
 the layer exactly as diffusers' classic `AttnProcessor` does; joint attention in an MMDiT
-(SD3), for `JointAttentionRecorder`, as `JointAttnProcessor2_0` does. Each keeps, per layer,
+(SD3), for `JointAttentionRecorder`, as `JointAttnProcessor2_0` does; Flux's double blocks,
+for `FluxJointAttentionRecorder`, as `FluxAttnProcessor` does (its single blocks, one
+stream of text and image, are not recorded). Each keeps, per layer,
 the probabilities image queries put on text tokens (batch·heads, image queries, text tokens)
 and what those tokens' values add to the image output, P_text·V_text, before the output
 projection (in a UNet all of the layer's output). DUGE's loss and the evaluation heat maps
@@ -79,11 +81,50 @@ class JointAttentionRecorder:
         return attn.to_out[1](attn.to_out[0](image)), text
 
 
+class FluxJointAttentionRecorder:
+    """Flux's double-block attention (text tokens first, rotary positions on both), computed
+    as diffusers' `FluxAttnProcessor` does, recording the image-query / text-key block."""
+
+    def __init__(self, name: str, store: dict[str, dict[str, torch.Tensor]]):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if encoder_hidden_states is None:
+            raise ValueError(f"{self.name}: joint attention without text tokens")
+
+        def heads(x):
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        q, k, v = (attn.norm_q(heads(attn.to_q(hidden_states))), attn.norm_k(heads(attn.to_k(hidden_states))),
+                   heads(attn.to_v(hidden_states)))
+        eq = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
+        ek = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
+        ev = heads(attn.add_v_proj(encoder_hidden_states))
+        n_txt = eq.shape[1]
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # batch, heads, tokens, dim
+        probs = (q @ k.transpose(-1, -2) * attn.head_dim ** -0.5).softmax(dim=-1)
+        text_probs = probs[:, :, n_txt:, :n_txt]
+        self.store[self.name] = {"probs": text_probs.flatten(0, 1),
+                                 "output": (text_probs @ v[:, :, :n_txt]).flatten(0, 1)}
+        out = (probs @ v).transpose(1, 2).flatten(2, 3)
+        text, image = out[:, :n_txt], out[:, n_txt:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
+
+
 def _recorder(model, name: str):
     """The recorder class for a processor name, or None where image queries do not read text."""
     attn = model.get_submodule(name.rsplit(".processor", 1)[0])
     if getattr(attn, "is_cross_attention", False):
         return CrossAttentionRecorder
+    if type(attn).__name__ == "FluxAttention":
+        return FluxJointAttentionRecorder if getattr(attn, "added_kv_proj_dim", None) is not None else None
     if getattr(attn, "added_kv_proj_dim", None) is not None:
         return JointAttentionRecorder
     return None

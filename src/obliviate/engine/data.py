@@ -84,5 +84,8 @@ def encode_images(pipe, images) -> torch.Tensor:
     1.x/2.x and SDXL none), of uint8 images, posterior mean."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     x = x.to(pipe.device, pipe.vae.dtype)
+    from ..families import family_of
+
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    return ((pipe.vae.encode(x).latent_dist.mean - shift) * pipe.vae.config.scaling_factor).float().cpu()
+    z = (pipe.vae.encode(x).latent_dist.mean - shift) * pipe.vae.config.scaling_factor
+    return family_of(pipe).pack(pipe, z).float().cpu()

@@ -6,7 +6,8 @@ encoders. `family_of(pipe)` finds the family from the loaded pipeline's class.
 - `sd` (sd.py): Stable Diffusion 1.x/2.x, one CLIP encoder, UNet, ε- or v-prediction;
 - `sdxl` (sdxl.py): two CLIP encoders (penultimate states concatenated), pooled text
   embedding and size/crop ids as extra UNet conditioning;
-- `sd3` (sd3.py): MMDiT transformer with joint attention, CLIP-L + CLIP-G + T5, rectified flow.
+- `sd3` (sd3.py): MMDiT transformer with joint attention, CLIP-L + CLIP-G + T5, rectified flow;
+- `flux` (flux.py): CLIP pooled + T5 states, packed latents, rotary positions, guidance embedding.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 from ..errors import ObliviateError
 from .base import Conditioning, Family
 from .sd import StableDiffusion
+from .flux import Flux
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
 
 
 def family_of(pipe) -> Family:
@@ -28,7 +30,7 @@ def family_of(pipe) -> Family:
             return family
     known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
     raise ObliviateError(f"{cls} is not a model family obliviate supports yet ({known}); "
-                         "load a Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline")
+                         "load a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline")
 
 
 def family_for_class(class_name: str) -> Family | None:

@@ -105,13 +105,31 @@ class Family:
         cross-attention key and value projection of a UNet."""
         return {n: m for n, m in denoiser.named_modules() if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")}
 
-    def image_size(self, pipe) -> int:
-        """Native image side in pixels: the denoiser's latent size times the VAE's scale."""
-        return getattr(pipe, self.denoiser).config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    def pack(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (batch, c, h, w) in the layout the denoiser reads (Flux packs them)."""
+        return latents
 
-    def in_channels(self, pipe) -> int:
-        """Latent channels the denoiser takes."""
+    def image_size(self, pipe) -> int:
+        """Image side in pixels: the model's sampler height if it sets one (obliviate.json),
+        else the denoiser's latent size times the VAE's scale."""
+        from ..pipeline import sampler_settings
+
+        height = sampler_settings(pipe).get("height")
+        if height:
+            return int(height)
+        return self.native_size(pipe) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def native_size(self, pipe) -> int:
+        """The denoiser's native latent side."""
+        return getattr(pipe, self.denoiser).config.sample_size
+
+    def latent_channels(self, pipe) -> int:
+        """Channels of a latent image (before any packing)."""
         return getattr(pipe, self.denoiser).config.in_channels
+
+    def unpack(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the denoiser reads them, back to (batch, c, h, w) latent images."""
+        return latents
 
     def encode(self, pipe, prompts: list[str], get: Getter) -> Conditioning:  # pragma: no cover
         raise NotImplementedError

@@ -90,7 +90,7 @@ class DoCo(Method):
         torch.manual_seed(ctx.seed)
         self._conditional = (any(t.kind != "object" for t in ctx.request.targets)
                              if self.disc_condition == "auto" else bool(self.disc_condition))
-        channels = ctx.family.in_channels(ctx.pipe) * (2 if self._conditional else 1)
+        channels = ctx.family.latent_channels(ctx.pipe) * (2 if self._conditional else 1)
         self.disc = PatchDiscriminator(channels).to(ctx.device)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.disc_lr, betas=(0.5, 0.999))
         ctx.freeze()
@@ -113,7 +113,7 @@ class DoCo(Method):
         x_t, _, t = ctx.noisy(batch)
         prompts = batch["p_anc"] if frozen else batch["p_tgt"]
         eps = ctx.eps(x_t, t, ctx.encode(prompts, frozen=frozen), frozen=frozen)
-        x0 = ctx.x0(x_t, eps, t)
+        x0, x_t = (ctx.family.unpack(ctx.pipe, x) for x in (ctx.x0(x_t, eps, t), x_t))
         return torch.cat([x0, x_t], dim=1) if self._conditional else x0
 
     def _update_disc(self, ctx, real: torch.Tensor, fake: torch.Tensor) -> None:
