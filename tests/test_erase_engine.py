@@ -289,3 +289,27 @@ def test_an_earlier_target_follows_its_anchor_when_that_anchor_is_removed_later(
         ["cross", "cross", "cross", "diamond"]
     loop = SimpleNamespace(history=[req("a", "b")], request=req("b", "a"))
     assert final_anchor(loop, "b") in ("a", "b")  # a cycle ends instead of spinning
+
+
+@pytest.mark.parametrize("method", ["duge", "esd"])
+def test_phi_as_a_light_view_gives_the_weights_a_full_copy_gives(base, tmp_path, monkeypatch, method):
+    """φ is a view of the live UNet holding only the trained tensors' old values when they are
+    few (DUGE's K/V), a full copy when they are most of it (ESD-u): the result is the same."""
+    import obliviate.engine.context as context
+    from obliviate.engine.frozen import FrozenView, frozen_view
+
+    made = []
+    monkeypatch.setattr(context, "frozen_view", lambda m, t: made.append(frozen_view(m, t)) or made[-1])
+    light = load_pipeline(base)
+    erase(light, Request(("van gogh",)), method=method, options={"variant": "u"} if method == "esd" else {}, **FAST)
+    views = [v for v in made if v is not None]
+    if method == "duge":
+        assert views and all(isinstance(v, FrozenView) for v in views)
+        assert sum(t.numel() for v in views for t in v.saved.values()) < 0.2 * sum(
+            p.numel() for p in light.unet.parameters())
+    else:
+        assert not any(isinstance(v.module, type(light.unet)) for v in views)
+    monkeypatch.setattr(context, "frozen_view", lambda m, t: None)
+    copied = load_pipeline(base)
+    erase(copied, Request(("van gogh",)), method=method, options={"variant": "u"} if method == "esd" else {}, **FAST)
+    assert weights_sha256(light) == weights_sha256(copied)

@@ -153,6 +153,7 @@ def erase(
         pipe=pipe, world=world, request=resolved, history=ledger.history(), accelerator=accelerator,
         model_sha=parent_sha, base_sha=ledger.base_sha256, cache=LatentCache(cache_dir), seed=seed,
         base_loader=lambda: load_pipeline(ledger.base, device=pipe.device), progress=progress,
+        train_group=None if getattr(m, "lora_rank", 0) or m.closed_form else m.param_group,
     )
     with PeakMemory(pipe.device) as memory:
         if m.closed_form:

@@ -20,6 +20,7 @@ from ..concepts import ConceptWorld
 from ..families import Conditioning, family_of
 from ..request import ResolvedRequest
 from .data import LatentCache
+from .frozen import frozen_view
 
 
 @dataclass
@@ -37,6 +38,10 @@ class EraseContext:
     seed: int = 0
     base_loader: Callable[[], object] | None = None
     progress: bool = True
+    # the parameter group the current stage trains (engine.params), so that φ can be a light
+    # view of a component instead of a copy (engine.frozen); None: copy components whole
+    train_group: str | None = None
+    light_frozen: bool = True
     _frozen: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -65,15 +70,27 @@ class EraseContext:
         request.
         """
         if component not in self._frozen:
-            module = copy.deepcopy(getattr(self.pipe, component)).eval().requires_grad_(False)
-            self._frozen[component] = module
+            live = getattr(self.pipe, component)
+            view = frozen_view(live, self._trained_in(component)) if self.light_frozen else None
+            self._frozen[component] = view or copy.deepcopy(live).eval().requires_grad_(False)
         return self._frozen[component]
 
-    def restart(self) -> None:
+    def _trained_in(self, component: str) -> set[str] | None:
+        """Names (within `component`) of the tensors the current stage trains, if known."""
+        if self.train_group is None:
+            return None
+        from .params import named_group
+
+        prefix = f"{component}."
+        return {n[len(prefix):] for n in named_group(self.pipe, self.train_group) if n.startswith(prefix)}
+
+    def restart(self, train_group: str | None = None) -> None:
         """The weights as they are now become φ, "the model before" (after a stage such as
-        --robust's hardening): frozen copies are retaken and the latent cache keys on them."""
+        --robust's hardening), for a next stage that trains `train_group`: frozen copies are
+        retaken and the latent cache keys on them."""
         from ..ledger import weights_sha256
 
+        self.train_group = train_group
         self._frozen = {k: v for k, v in self._frozen.items() if k == "base_pipe"}
         self.model_sha = weights_sha256(self.pipe)
 

@@ -1,15 +1,20 @@
-"""The hardening stage of `--robust`: ESD-u on the request's targets before the method runs.
+"""The hardening stage of `--robust`: ESD-u, held on what must stay, before the method runs.
 
-    target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t)),  L = ‖ε_θ(x_t, c_tgt, t) − target‖²,
-trained on everything in the UNet but cross-attention (methods.esd, variant u), for
-`harden_steps` steps at `harden_lr`. Then φ is taken again (the hardened model is "the model
-before" the method's own stage) and the method edits as usual.
+    target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t))
+    L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_φ(x_t, c_keep, t)‖²
+trained on everything in the UNet but cross-attention (methods.esd, variant u, `lambda_keep`)
+for `harden_steps` steps at `harden_lr`; c_keep are prompts naming no removed concept (the
+memory bank and the preserve set). Then φ is taken again (the hardened model is "the model
+before" for the method's own stage) and the method edits as usual.
 
 Why: an edit of the cross-attention keys and values (DUGE, UCE) moves where the target's
 word points, but the UNet body still draws the target for some text state, and a learned
-soft prompt finds one (star came back at 0.85 after DUGE). ESD-u changes what the body
-draws for the target's conditioning; on its own it removes less (UA 0.85). Together, on the
-shapes model: UA 0.98 and soft prompts at 0.02 (docs/experiments.md, session 13).
+soft prompt finds one (star back at 0.85 after DUGE). ESD-u changes what the body draws for
+the target's conditioning but on its own removes less (UA 0.85). Together, on the shapes
+model, star: UA 1.00 and the soft-prompt ladder at 0.06; without the keep term the colours
+lost 0.13 (yellow 0.35), with λ_keep 5 none lost more than 0.03 (docs/experiments.md,
+session 13). A white-box perturbation of the conditioning itself still finds stars (the
+upper bound): the capability is out of a prompt's reach, not gone.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from .loop import train
 
 
 def harden(ctx, robust) -> dict:
-    """Run the ESD-u stage on `ctx` for `robust.harden_steps` steps, then retake φ."""
+    """Run the ESD-u stage on `ctx` for `robust.harden_steps` steps, then retake φ for the
+    method's stage (which trains the group `ctx.train_group` named before)."""
     from ..methods.base import get_method
 
     esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
                      lambda_keep=robust.harden_keep)
+    after = ctx.train_group
+    ctx.restart(esd.param_group)
     esd.prepare(ctx)
     stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed)
-    ctx.restart()
+    ctx.restart(after)
     return {"harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}

@@ -56,7 +56,7 @@ class Robust:
     mining: bool = True
     harden_steps: int = 0
     harden_lr: float = 1e-4
-    harden_keep: float = 1.0
+    harden_keep: float = 5.0
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
