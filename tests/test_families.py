@@ -200,3 +200,29 @@ def test_every_method_runs_on_flux_and_the_output_loads_in_diffusers(flux_base, 
     assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
     again = FluxPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
     assert weights_sha256(again) == result.entry.weights_sha256
+
+
+def test_gradient_checkpointing_and_half_precision_weights(tmp_path, monkeypatch, capsys):
+    """Memory options: recomputing activations gives the same weights; bf16 weights train
+    through float32 master copies of the trained tensors and are saved in bf16; float16 on
+    a CPU is refused in one line."""
+    from obliviate.cli import main
+    from sd_tiny import save_tiny_sd
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    base = save_tiny_sd(tmp_path / "sd", world="shapes")
+    plain, recomputed = load_pipeline(base), load_pipeline(base)
+    erase(plain, Request(("star",)), **FAST)
+    erase(recomputed, Request(("star",)), gradient_checkpointing=True, **FAST)
+    assert weights_sha256(plain) == weights_sha256(recomputed)
+    assert "Recorder" not in type(next(iter(recomputed.unet.attn_processors.values()))).__name__
+    half = load_pipeline(base, dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in pipeline_state(half).items()}
+    erase(half, Request(("star",)), **FAST)
+    after = pipeline_state(half)
+    assert all(v.dtype == torch.bfloat16 for v in after.values())
+    assert any(not torch.equal(v, before[k]) for k, v in after.items() if ".attn2.to_k." in k)
+    capsys.readouterr()
+    assert main(["erase", "--model", str(base), "--concept", "star", "--out", str(tmp_path / "f16"),
+                 "--dtype", "float16"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err and not (tmp_path / "f16").exists()

@@ -17,6 +17,8 @@ from .checks import (check_at_least, check_device, check_finite, check_output_fi
                      check_seed)
 from .errors import ObliviateError
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     from .generate import generate_images, image_grid
@@ -188,6 +190,11 @@ def _cmd_erase(args: argparse.Namespace) -> None:
     check_at_least("--checkpoint-every", args.checkpoint_every, 0)
     check_seed(args.seed)
     check_device(args.device)
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    if dtype is torch.float16 and not str(args.device).startswith("cuda"):
+        raise ObliviateError("--dtype float16 needs a GPU (--device cuda); on a CPU use bfloat16 or float32")
     options = parse_options(args.set)
     method = get_method(args.method, **options)
     set_common(method, steps=args.steps, lr=args.lr, batch_size=args.batch_size)
@@ -205,12 +212,12 @@ def _cmd_erase(args: argparse.Namespace) -> None:
     source = resolve_model(args.model)
     if isinstance(source, Path) and source.is_dir() and not args.new_lineage:
         Ledger.load(source)  # a broken ledger is refused before the model is loaded
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
     result = erase(pipe, request, method=args.method, out=args.out, steps=args.steps, lr=args.lr,
                    batch_size=args.batch_size, seed=args.seed, options=options,
                    save=args.save, overwrite=args.overwrite, new_lineage=args.new_lineage,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, refresh=args.refresh,
-                   robust=robust)
+                   robust=robust, gradient_checkpointing=args.gradient_checkpointing)
     e = result.entry
     pairs = ", ".join(f"{t['name']} -> {a or '(empty)'}" for t, a in zip(e.request["targets"], e.request["anchors"]))
     print(f"step {e.step}: {args.method} removed {pairs} in {e.seconds:.1f} s; "
@@ -503,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refresh", action="store_true",
                    help="wrap a gradient method in refresh learning (default: off)")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    r.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights' type: bfloat16 or float16 (GPU) halve the memory; the trained tensors "
+                        "stay float32 during the request, under autocast (default: float32)")
+    r.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass instead of storing them: less memory, "
+                        "more time (default: off)")
     r.add_argument("--robust", action="store_true",
                    help="adversarial erasure: mine soft prompts that bring the target back during the request "
                         "and erase them too; gradient methods, and uce's closed-form variant (default: off)")

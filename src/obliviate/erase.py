@@ -91,6 +91,7 @@ def erase(
     accelerator: Accelerator | None = None,
     refresh: bool | dict = False,
     robust: bool | dict = False,
+    gradient_checkpointing: bool = False,
 ) -> EraseResult:
     """Remove `request`'s concepts from `pipe` (edited in place) with `method`.
 
@@ -155,6 +156,8 @@ def erase(
         base_loader=lambda: load_pipeline(ledger.base, device=pipe.device), progress=progress,
         train_group=None if getattr(m, "lora_rank", 0) or m.closed_form else m.param_group,
     )
+    if gradient_checkpointing:
+        set_gradient_checkpointing(pipe, ctx.family, True)
     with PeakMemory(pipe.device) as memory:
         if m.closed_form:
             stats = m.apply_robust(ctx, adversary) if adversary else m.apply(ctx)
@@ -169,6 +172,8 @@ def erase(
                           resume=resume, refresh=plugin, robust=miner,
                           checkpoint_info={"identity": identity, "started": start})
             stats.update(hardened)
+    if gradient_checkpointing:
+        set_gradient_checkpointing(pipe, ctx.family, False)
     for name in ctx.family.components(pipe):
         getattr(pipe, name).requires_grad_(False).eval()
     new_sha = weights_sha256(pipe)
@@ -196,6 +201,22 @@ def erase(
     if out:
         pipe.obliviate_source = str(out)
     return EraseResult(entry, ledger, stats)
+
+
+def set_gradient_checkpointing(pipe, family, on: bool) -> None:
+    """Turn activation recomputation on or off in the denoiser and the text encoders (with the
+    attention recorders installed for the while: the recomputed forward must match)."""
+    from .engine.attention import keep_recorders
+
+    for name in family.components(pipe):
+        module = getattr(pipe, name)
+        if name == family.denoiser:
+            module.enable_gradient_checkpointing() if on else module.disable_gradient_checkpointing()
+            keep_recorders(module, on)
+        elif name != "vae" and getattr(module, "supports_gradient_checkpointing", False):
+            switch = ("activation_checkpointing_" if hasattr(module, "activation_checkpointing_enable")
+                      else "gradient_checkpointing_") + ("enable" if on else "disable")
+            getattr(module, switch)()
 
 
 def _check_same_request(folder: Path, meta: dict, identity: dict) -> None:

@@ -136,9 +136,39 @@ def cross_attention_names(model) -> list[str]:
     return [n for n in model.attn_processors if _recorder(model, n) is not None]
 
 
+def keep_recorders(model, on: bool) -> None:
+    """Install the recorders for good (`on`), recording only inside `capture_cross_attention`,
+    or put the original processors back. Needed with gradient checkpointing: the backward
+    pass recomputes each block's forward, and must meet the same processor the forward did."""
+    if on and getattr(model, "_obliviate_recorders", None) is None:
+        original, store = model.attn_processors, {}
+        processors, recorders = {}, []
+        for name, proc in original.items():
+            recorder = _recorder(model, name)
+            processors[name] = recorder(name, store) if recorder else proc
+            if recorder:
+                recorders.append(processors[name])
+        model.set_attn_processor(processors)
+        model._obliviate_recorders, model._obliviate_original = recorders, original
+    elif not on and getattr(model, "_obliviate_recorders", None) is not None:
+        model.set_attn_processor(model._obliviate_original)
+        model._obliviate_recorders = model._obliviate_original = None
+
+
 @contextmanager
 def capture_cross_attention(model) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
     """Within the block, each forward of `model` fills the yielded dict: layer -> probs/output."""
+    kept = getattr(model, "_obliviate_recorders", None)
+    if kept is not None:  # installed for good: point them at this block's dict, then at a scratch one
+        store: dict[str, dict[str, torch.Tensor]] = {}
+        for recorder in kept:
+            recorder.store = store
+        try:
+            yield store
+        finally:
+            for recorder in kept:
+                recorder.store = {}
+        return
     original = model.attn_processors
     store: dict[str, dict[str, torch.Tensor]] = {}
     processors = {}

@@ -104,6 +104,15 @@ class EraseContext:
         for name in (self.family.denoiser, *self.family.present_text_encoders(self.pipe)):
             self.frozen(name)
 
+    def autocast(self):
+        """The context every training forward runs in: with half-precision weights (bf16,
+        fp16), torch.autocast in their type, so float32 master copies of the trained tensors
+        meet them; otherwise the accelerator's own."""
+        dtype = getattr(self.pipe, "dtype", torch.float32)
+        if dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(self.device.type, dtype=dtype)
+        return self.accelerator.autocast()
+
     # -- text --------------------------------------------------------------------------------
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """Ids of `prompts` for the (first) tokenizer, padded as the pipelines pad."""
@@ -117,11 +126,11 @@ class EraseContext:
         of their weights are being trained.
         """
         if frozen:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 return self.family.encode(self.pipe, prompts, self.frozen)
         trains = any(p.requires_grad for n in self.family.present_text_encoders(self.pipe)
                      for p in getattr(self.pipe, n).parameters())
-        with torch.set_grad_enabled(trains):
+        with torch.set_grad_enabled(trains), self.autocast():
             return self.family.encode(self.pipe, prompts, lambda n: getattr(self.pipe, n))
 
     # -- diffusion ---------------------------------------------------------------------------
@@ -146,10 +155,11 @@ class EraseContext:
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, context: Conditioning, frozen: bool = False) -> torch.Tensor:
         """The denoiser's prediction ε(x_t, c, t) of θ, or of φ with `frozen` (no gradient);
         ε, v or flow velocity, as the model was trained (`target` gives the matching truth)."""
-        if frozen:
-            with torch.no_grad():
-                return self.family.predict(self.denoiser(frozen=True), x_t, t, context)
-        return self.family.predict(self.denoiser(), x_t, t, context)
+        with self.autocast():
+            if frozen:
+                with torch.no_grad():
+                    return self.family.predict(self.denoiser(frozen=True), x_t, t, context)
+            return self.family.predict(self.denoiser(), x_t, t, context)
 
     def target(self, sub: dict) -> torch.Tensor:
         """What the denoiser should predict for a drawn sub-batch: ε for ε-prediction, the

@@ -63,7 +63,23 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
 
 def _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, checkpoint_every, resume,
            refresh, robust, checkpoint_info) -> dict:
-    """The loop itself, on the trainable tensors `params` ({name: parameter})."""
+    """The loop, on the trainable tensors `params` ({name: parameter}); tensors stored in half
+    precision train as float32 master copies (the forward runs under the accelerator's
+    autocast) and go back to their type when the loop ends."""
+    half = {n: p.dtype for n, p in params.items() if p.dtype in (torch.float16, torch.bfloat16)}
+    for n in half:
+        params[n].data = params[n].data.float()
+    try:
+        return _loop(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, checkpoint_every, resume,
+                     refresh, robust, checkpoint_info)
+    finally:
+        for n, dtype in half.items():
+            params[n].data = params[n].data.to(dtype)
+
+
+def _loop(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, checkpoint_every, resume,
+          refresh, robust, checkpoint_info) -> dict:
+    """One step after another (see `train`)."""
     acc = ctx.accelerator
     names, plist = list(params), list(params.values())
     optimizer = torch.optim.Adam(plist, lr=lr)
@@ -94,12 +110,12 @@ def _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, che
             soft = lambda: robust.active(ctx, ids, vectors)  # noqa: E731
         batch = shard(batch, acc.process_index, acc.num_processes)
         if refresh is not None:
-            with acc.autocast(), soft():
+            with ctx.autocast(), soft():
                 grads = torch.autograd.grad(sum(method.loss(ctx, batch).values()), plist, allow_unused=True)
             grads = [acc.reduce(g, reduction="mean") if g is not None and acc.num_processes > 1 else g
                      for g in grads]
             refresh.unlearn(names, plist, grads, generator)
-        with acc.autocast(), soft():
+        with ctx.autocast(), soft():
             terms = method.loss(ctx, batch)
         total = sum(terms.values())
         if not torch.isfinite(total):
