@@ -105,9 +105,10 @@ def could_be_hub_id(text: str) -> bool:
 
 def pipeline_class(source: Path | str):
     """The diffusers pipeline class to load `source` with: the `_class_name` of a folder's
-    `model_index.json`; for a single .safetensors file, SDXL when it holds the second text
-    encoder (`conditioner.embedders.1`), else Stable Diffusion; for a hub id, Stable Diffusion
-    unless the id names XL. Refuses classes of families obliviate does not support."""
+    `model_index.json` (for a hub id, of the copy in the local hub cache); for a single
+    .safetensors file, from its tensor names (SDXL's second text encoder, SD3's joint blocks,
+    Flux's double blocks), else Stable Diffusion. Refuses classes of families obliviate does
+    not support."""
     from .families import FAMILIES, family_for_class
 
     name = "StableDiffusionPipeline"
@@ -119,12 +120,17 @@ def pipeline_class(source: Path | str):
     elif isinstance(source, Path):
         try:
             with safe_open(str(source), framework="pt") as f:
-                if any(k.startswith("conditioner.embedders.1.") for k in f.keys()):
-                    name = "StableDiffusionXLPipeline"
+                name = _single_file_class(list(f.keys()))
         except Exception:  # noqa: BLE001 - unreadable: the loader below reports it in one line
             pass
-    elif "xl" in str(source).lower():
-        name = "StableDiffusionXLPipeline"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), "model_index.json")
+        if isinstance(cached, str):
+            name = json.loads(Path(cached).read_text()).get("_class_name", name)
+        elif "xl" in str(source).lower():
+            name = "StableDiffusionXLPipeline"
     if family_for_class(name) is None or not hasattr(diffusers, name):
         known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
         raise ObliviateError(f"{source} is a {name}, not a model family obliviate supports yet ({known})")
@@ -138,6 +144,21 @@ def absent_components(source: Path | str) -> dict[str, None]:
         return {}
     index = json.loads((source / "model_index.json").read_text())
     return {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+
+
+# tensor-name prefixes that tell single-file checkpoints apart (original, non-diffusers layouts)
+_SINGLE_FILE_MARKS = (("StableDiffusionXLPipeline", "conditioner.embedders.1."),
+                      ("StableDiffusion3Pipeline", "model.diffusion_model.joint_blocks."),
+                      ("FluxPipeline", "double_blocks."),
+                      ("FluxPipeline", "model.diffusion_model.double_blocks."))
+
+
+def _single_file_class(keys: list[str]) -> str:
+    """The pipeline class a single checkpoint's tensor names point to."""
+    for name, prefix in _SINGLE_FILE_MARKS:
+        if any(k.startswith(prefix) for k in keys):
+            return name
+    return "StableDiffusionPipeline"
 
 
 @contextmanager
