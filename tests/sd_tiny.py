@@ -45,12 +45,15 @@ def tiny_sd(world: str | None = None) -> StableDiffusionPipeline:
     return pipe
 
 
-def save_tiny_sd(folder: Path, world: str | None = None) -> Path:
-    """Write `tiny_sd()` as a diffusers folder with fast sampler defaults."""
-    tiny_sd().save_pretrained(folder, safe_serialization=True)
-    info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
-    (folder / "obliviate.json").write_text(json.dumps(info))
-    return folder
+def _clip(hidden: int, intermediate: int | None = None) -> tuple:
+    """The world's tokenizer (77 tokens) and a small CLIP text config of width `hidden`."""
+    tok = build_tokenizer()
+    tok.model_max_length = 77
+    config = CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    return tok, config
 
 
 def tiny_sdxl() -> "StableDiffusionXLPipeline":
@@ -61,12 +64,7 @@ def tiny_sdxl() -> "StableDiffusionXLPipeline":
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tok = build_tokenizer()
-    tok.model_max_length = 77
-    config = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    tok, config = _clip(hidden=16)
     text, text_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
     time_dim = 4
     unet = UNet2DConditionModel(
@@ -87,28 +85,16 @@ def tiny_sdxl() -> "StableDiffusionXLPipeline":
     return pipe
 
 
-def save_tiny_sdxl(folder: Path, world: str | None = None) -> Path:
-    """Write `tiny_sdxl()` as a diffusers folder with fast sampler defaults."""
-    tiny_sdxl().save_pretrained(folder, safe_serialization=True)
-    info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
-    (folder / "obliviate.json").write_text(json.dumps(info))
-    return folder
-
 
 def tiny_sd3() -> "StableDiffusion3Pipeline":
     """A random SD3-shaped pipeline (seeded): two CLIP encoders with projection, no T5 (the
-    pipeline then conditions on zeros in T5's place), an MMDiT with joint attention, a
-    16-channel VAE with a shift factor, the flow-matching scheduler."""
+    pipeline then conditions on zeros in T5's place), an MMDiT with joint attention, a VAE
+    with a shift factor (as SD3's), the flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tok = build_tokenizer()
-    tok.model_max_length = 77
-    config = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    tok, config = _clip(hidden=16)
     text, text_2 = CLIPTextModelWithProjection(config), CLIPTextModelWithProjection(config)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -124,13 +110,6 @@ def tiny_sd3() -> "StableDiffusion3Pipeline":
     return pipe
 
 
-def save_tiny_sd3(folder: Path, world: str | None = None) -> Path:
-    """Write `tiny_sd3()` as a diffusers folder with fast sampler defaults."""
-    tiny_sd3().save_pretrained(folder, safe_serialization=True)
-    info = {"sampler": FAST_SAMPLER, **({"world": world} if world else {})}
-    (folder / "obliviate.json").write_text(json.dumps(info))
-    return folder
-
 
 def tiny_flux() -> "FluxPipeline":
     """A random Flux-shaped pipeline (seeded): CLIP (pooled) and a small T5 (states), a
@@ -140,12 +119,8 @@ def tiny_flux() -> "FluxPipeline":
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    tok = build_tokenizer()
-    tok.model_max_length = 77
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    tok, config = _clip(hidden=32, intermediate=37)
+    text = CLIPTextModel(config)
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0))
     transformer = FluxTransformer2DModel(
@@ -161,9 +136,20 @@ def tiny_flux() -> "FluxPipeline":
     return pipe
 
 
-def save_tiny_flux(folder: Path, world: str | None = None) -> Path:
-    """Write `tiny_flux()` as a diffusers folder; its sampler draws 16-px images."""
-    tiny_flux().save_pretrained(folder, safe_serialization=True)
-    info = {"sampler": {**FAST_SAMPLER, "height": 16, "width": 16}, **({"world": world} if world else {})}
+BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
+# Flux has no native sample size in its config; its tiny pipeline draws 16-px images
+SAMPLERS = {"flux": {"height": 16, "width": 16}}
+
+
+def save_tiny(folder: Path, family: str = "sd", world: str | None = None) -> Path:
+    """Write the tiny pipeline of `family` as a diffusers folder with fast sampler defaults;
+    `world="shapes"` tags it with that vocabulary."""
+    BUILDERS[family]().save_pretrained(folder, safe_serialization=True)
+    info = {"sampler": {**FAST_SAMPLER, **SAMPLERS.get(family, {})}, **({"world": world} if world else {})}
     (folder / "obliviate.json").write_text(json.dumps(info))
     return folder
+
+
+def save_tiny_sd(folder: Path, world: str | None = None) -> Path:
+    """`save_tiny` for the SD-1.x-shaped pipeline."""
+    return save_tiny(folder, "sd", world)

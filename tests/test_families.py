@@ -13,19 +13,35 @@ from obliviate.erase import erase
 from obliviate.families import family_of
 from obliviate.ledger import pipeline_state, weights_sha256
 from obliviate.request import Request
-from sd_tiny import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
+from sd_tiny import save_tiny
 
 FAST = dict(steps=2, batch_size=2, progress=False)
 KV = lambda k: k.startswith("unet.") and (".attn2.to_k." in k or ".attn2.to_v." in k)  # noqa: E731
 # SD3: the text block of joint attention
 JOINT_KV = lambda k: k.startswith("transformer.") and (".attn.add_k_proj." in k or ".attn.add_v_proj." in k)  # noqa: E731
 JOINT_TEXT = lambda k: k.startswith("transformer.") and (".attn.add_" in k or ".attn.to_add_out." in k)  # noqa: E731
+TEXT_MLP = lambda k: k.startswith("text_encoder") and (".mlp.fc" in k or ".DenseReluDense.w" in k)  # noqa: E731
+UNET = {"duge": KV, "uce": KV, "doco": KV, "esd-object": lambda k: k.startswith("unet.") and ".attn2." not in k,
+        "esd-style": lambda k: k.startswith("unet.") and ".attn2." in k, "rgd": lambda k: k.startswith("unet.")}
+TRANSFORMER = {"duge": JOINT_KV, "uce": lambda k: k.startswith("transformer.context_embedder."), "doco": JOINT_KV,
+               "esd-object": lambda k: k.startswith("transformer.") and not JOINT_TEXT(k), "esd-style": JOINT_TEXT,
+               "rgd": lambda k: k.startswith("transformer.")}
+# (method, concept, options, which of the family's rules); fewshot-te trains every text encoder's MLPs
+CASES = [("duge", "star", {}, "duge"), ("uce", "star", {}, "uce"), ("esd", "star", {}, "esd-object"),
+         ("esd", "striped", {}, "esd-style"), ("doco", "star", {"disc_warmup": 2}, "doco"),
+         ("rgd", "star", {"pairs_per_target": 4}, "rgd"), ("fewshot-te", "star", {}, "fewshot-te")]
+RULES = {"sdxl": UNET, "sd3": TRANSFORMER, "flux": TRANSFORMER}
+
+
+def tiny_base(tmp_path, monkeypatch, family: str):
+    """A tiny random pipeline of `family` in the shapes world, with its own latent cache."""
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    return save_tiny(tmp_path / f"{family}-base", family, world="shapes")
 
 
 @pytest.fixture()
 def sdxl_base(tmp_path, monkeypatch):
-    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
-    return save_tiny_sdxl(tmp_path / "sdxl-base", world="shapes")
+    return tiny_base(tmp_path, monkeypatch, "sdxl")
 
 
 def test_an_sdxl_folder_loads_as_sdxl_and_its_conditioning_has_both_encoders(sdxl_base):
@@ -42,33 +58,6 @@ def test_an_sdxl_folder_loads_as_sdxl_and_its_conditioning_has_both_encoders(sdx
         family.predict(pipe.unet, x, torch.tensor([500, 500]), cond)
     assert set(seen) == set(cross_attention_names(pipe.unet)) and len(seen) >= 3
     assert all(r["probs"].shape[-1] == 77 for r in seen.values())
-
-
-@pytest.mark.parametrize("method, concept, options, allowed", [
-    ("duge", "star", {}, KV),
-    ("uce", "star", {}, KV),
-    ("esd", "star", {}, lambda k: k.startswith("unet.") and ".attn2." not in k),
-    ("esd", "striped", {}, lambda k: k.startswith("unet.") and ".attn2." in k),
-    ("doco", "star", {"disc_warmup": 2}, KV),
-    ("rgd", "star", {"pairs_per_target": 4}, lambda k: k.startswith("unet.")),
-    # few-shot text-encoder unlearning trains the MLPs of both CLIP encoders
-    ("fewshot-te", "star", {}, lambda k: k.startswith("text_encoder") and ".mlp.fc" in k),
-])
-def test_every_method_runs_on_sdxl_and_the_output_loads_in_diffusers(sdxl_base, tmp_path, method, concept,
-                                                                       options, allowed):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = load_pipeline(sdxl_base)
-    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
-    result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
-    after = pipeline_state(pipe)
-    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
-    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
-    if method == "fewshot-te":
-        assert {k.split(".")[0] for k in changed} == {"text_encoder", "text_encoder_2"}
-    again = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
-    assert weights_sha256(again) == result.entry.weights_sha256
-    assert weights_sha256(load_pipeline(tmp_path / "out")) == result.entry.weights_sha256
 
 
 def test_an_sdxl_lineage_saves_deltas_and_continues(sdxl_base, tmp_path):
@@ -109,8 +98,7 @@ def test_the_cli_erases_an_sdxl_folder_and_refuses_what_sdxl_lacks(sdxl_base, tm
 
 @pytest.fixture()
 def sd3_base(tmp_path, monkeypatch):
-    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
-    return save_tiny_sd3(tmp_path / "sd3-base", world="shapes")
+    return tiny_base(tmp_path, monkeypatch, "sd3")
 
 
 def test_an_sd3_folder_loads_and_conditions_as_the_diffusers_pipeline_does(sd3_base):
@@ -132,35 +120,11 @@ def test_an_sd3_folder_loads_and_conditions_as_the_diffusers_pipeline_does(sd3_b
     assert all(r["probs"].shape[-1] == states.shape[1] for r in seen.values())
 
 
-@pytest.mark.parametrize("method, concept, options, allowed", [
-    ("duge", "star", {}, JOINT_KV),
-    ("uce", "star", {}, lambda k: k.startswith("transformer.context_embedder.")),
-    ("esd", "star", {}, lambda k: k.startswith("transformer.") and not JOINT_TEXT(k)),
-    ("esd", "striped", {}, JOINT_TEXT),
-    ("doco", "star", {"disc_warmup": 2}, JOINT_KV),
-    ("rgd", "star", {"pairs_per_target": 4}, lambda k: k.startswith("transformer.")),
-    ("fewshot-te", "star", {}, lambda k: k.startswith("text_encoder") and ".mlp.fc" in k),
-])
-def test_every_method_runs_on_sd3_and_the_output_loads_in_diffusers(sd3_base, tmp_path, method, concept,
-                                                                     options, allowed):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = load_pipeline(sd3_base)
-    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
-    result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
-    after = pipeline_state(pipe)
-    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
-    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
-    again = StableDiffusion3Pipeline.from_pretrained(tmp_path / "out", local_files_only=True,
-                                                     text_encoder_3=None, tokenizer_3=None)
-    assert weights_sha256(again) == result.entry.weights_sha256
-    assert weights_sha256(load_pipeline(tmp_path / "out")) == result.entry.weights_sha256
 
 
 @pytest.fixture()
 def flux_base(tmp_path, monkeypatch):
-    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
-    return save_tiny_flux(tmp_path / "flux-base", world="shapes")
+    return tiny_base(tmp_path, monkeypatch, "flux")
 
 
 def test_a_flux_folder_loads_and_its_double_block_attention_is_recorded_faithfully(flux_base):
@@ -179,38 +143,13 @@ def test_a_flux_folder_loads_and_its_double_block_attention_is_recorded_faithful
     assert seen["transformer_blocks.0.attn.processor"]["probs"].shape == (2 * 2, 64, 77)
 
 
-@pytest.mark.parametrize("method, concept, options, allowed", [
-    ("duge", "star", {}, JOINT_KV),
-    ("uce", "star", {}, lambda k: k.startswith("transformer.context_embedder.")),
-    ("esd", "star", {}, lambda k: k.startswith("transformer.") and not JOINT_TEXT(k)),
-    ("esd", "striped", {}, JOINT_TEXT),
-    ("doco", "star", {"disc_warmup": 2}, JOINT_KV),
-    ("rgd", "star", {"pairs_per_target": 4}, lambda k: k.startswith("transformer.")),
-    # CLIP's MLPs and T5's feed-forward layers
-    ("fewshot-te", "star", {}, lambda k: k.startswith("text_encoder") and (".mlp.fc" in k or ".DenseReluDense.w" in k)),
-])
-def test_every_method_runs_on_flux_and_the_output_loads_in_diffusers(flux_base, tmp_path, method, concept,
-                                                                     options, allowed):
-    from diffusers import FluxPipeline
-
-    pipe = load_pipeline(flux_base)
-    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
-    result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
-    changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
-    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
-    again = FluxPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
-    assert weights_sha256(again) == result.entry.weights_sha256
-
-
 def test_gradient_checkpointing_and_half_precision_weights(tmp_path, monkeypatch, capsys):
     """Memory options: recomputing activations gives the same weights; bf16 weights train
     through float32 master copies of the trained tensors and are saved in bf16; float16 on
     a CPU is refused in one line."""
     from obliviate.cli import main
-    from sd_tiny import save_tiny_sd
 
-    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
-    base = save_tiny_sd(tmp_path / "sd", world="shapes")
+    base = tiny_base(tmp_path, monkeypatch, "sd")
     plain, recomputed = load_pipeline(base), load_pipeline(base)
     erase(plain, Request(("star",)), **FAST)
     erase(recomputed, Request(("star",)), gradient_checkpointing=True, **FAST)
@@ -226,3 +165,25 @@ def test_gradient_checkpointing_and_half_precision_weights(tmp_path, monkeypatch
     assert main(["erase", "--model", str(base), "--concept", "star", "--out", str(tmp_path / "f16"),
                  "--dtype", "float16"]) == 2
     assert "needs a GPU" in capsys.readouterr().err and not (tmp_path / "f16").exists()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("method, concept, options, rule", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_every_method_runs_on_every_family_and_the_output_loads_in_diffusers(tmp_path, monkeypatch, family, method,
+                                                                              concept, options, rule):
+    import diffusers
+
+    from obliviate.pipeline import absent_components
+
+    base = tiny_base(tmp_path, monkeypatch, family)
+    pipe = load_pipeline(base)
+    allowed = TEXT_MLP if rule == "fewshot-te" else RULES[family][rule]
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
+    changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
+    assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
+    if method == "fewshot-te":  # every text encoder the family conditions on
+        assert {k.split(".")[0] for k in changed} == {"text_encoder", "text_encoder_2"}
+    out = tmp_path / "out"
+    again = getattr(diffusers, type(pipe).__name__).from_pretrained(out, local_files_only=True, **absent_components(out))
+    assert weights_sha256(again) == result.entry.weights_sha256 == weights_sha256(load_pipeline(out))

@@ -517,11 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations in the backward pass instead of storing them: less memory, "
                         "more time (default: off)")
     r.add_argument("--robust", action="store_true",
-                   help="adversarial erasure: mine soft prompts that bring the target back during the request "
-                        "and erase them too; gradient methods, and uce's closed-form variant (default: off)")
+                   help="erasure meant to hold against learned prompts: duge first hardens the UNet body "
+                        "(ESD-u, held on what stays); other gradient methods mine soft prompts that bring the "
+                        "target back and erase them too; uce solves RECE rounds (default: off)")
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
-                   help="a --robust setting, repeatable: every, mine_steps, first_steps, tokens, vary_tokens, "
-                        "pool, share, lr, batch_size, prompts, t_low, t_high (default: the plug-in's)")
+                   help="a --robust setting, repeatable: harden_steps, harden_lr, harden_keep, mining, every, "
+                        "mine_steps, first_steps, tokens, vary_tokens, pool, share, lr, batch_size, prompts, t_low, "
+                        "t_high (default: the method's; duge: harden_steps=100, harden_keep=5, mining=false)")
     r.set_defaults(func=_cmd_erase)
 
     lg = _sub(sub, "ledger", "print a model's lineage", "obliviate ledger runs/2 --json")
