@@ -168,10 +168,13 @@ def _tiny_clip(folder):
     return folder
 
 
-def test_real_model_eval_with_a_clip_judge(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_real_model_eval_with_a_clip_judge(tmp_path, capsys, family):
+    """`eval --judge clip:FOLDER` scores free-text concepts on a model of any family."""
     from obliviate.cli import main
+    from sd_tiny import save_tiny
 
-    base = save_tiny_sd(tmp_path / "sd")
+    base = save_tiny(tmp_path / family, family)
     clip = _tiny_clip(tmp_path / "clip")
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(base), "--judge", f"clip:{clip}", "--concepts", "a castle,a dog",
