@@ -224,6 +224,12 @@ def export_lora(folder: str | Path, out: str | Path, fmt: str = "lora", rank: in
     if ledger is None:
         raise ObliviateError(f"{folder} has no ledger.json (not written by obliviate erase)")
     edited = load_pipeline(folder)
+    from .families import family_of
+
+    if family_of(edited).name != "sd":
+        raise ObliviateError(f"LoRA export is built for Stable Diffusion 1.x/2.x; {folder} is "
+                             f"{family_of(edited).name}, whose LoRA layout is not written yet: share the folder, "
+                             "or export it with --format full")
     ledger.verify(edited, folder)
     base = load_pipeline(ledger.base)
     if base.unet.state_dict().keys() != edited.unet.state_dict().keys():
