@@ -11,10 +11,12 @@ Why: an edit of the cross-attention keys and values (DUGE, UCE) moves where the 
 word points, but the UNet body still draws the target for some text state, and a learned
 soft prompt finds one (star back at 0.85 after DUGE). ESD-u changes what the body draws for
 the target's conditioning but on its own removes less (UA 0.85). Together, on the shapes
-model, star: UA 1.00 and the soft-prompt ladder at 0.06; without the keep term the colours
-lost 0.13 (yellow 0.35), with λ_keep 5 none lost more than 0.03 (docs/experiments.md,
-session 13). A white-box perturbation of the conditioning itself still finds stars (the
-upper bound): the capability is out of a prompt's reach, not gone.
+model, star: UA 1.00, the quick soft-prompt ladder at 0.06 and the full one at 0.27; without
+the keep term the colours lost 0.13 (yellow 0.35), with λ_keep 5 no concept lost more than
+0.04. Not solved: a style (striped back at 0.79: the keep term holds the texture too), and
+six hardened requests in a row, whose stages drift (solid down to 0.57 of its accuracy);
+docs/experiments.md, session 13. A white-box perturbation of the conditioning still finds
+stars (the upper bound): the capability is out of a prompt's reach, not gone.
 """
 
 from __future__ import annotations
