@@ -105,7 +105,8 @@ def could_be_hub_id(text: str) -> bool:
 
 def pipeline_class(source: Path | str):
     """The diffusers pipeline class to load `source` with: the `_class_name` of a folder's
-    `model_index.json` (for a hub id, of the copy in the local hub cache); for a single
+    `model_index.json` (for a hub id, of the copy in the local hub cache, else SDXL when the
+    id says "xl" and Stable Diffusion otherwise); for a single
     .safetensors file, from its tensor names (SDXL's second text encoder, SD3's joint blocks,
     Flux's double blocks), else Stable Diffusion. Refuses classes of families obliviate does
     not support."""

@@ -136,19 +136,25 @@ def cross_attention_names(model) -> list[str]:
     return [n for n in model.attn_processors if _recorder(model, n) is not None]
 
 
+def _install_recorders(model, store: dict) -> tuple[dict, list]:
+    """Put a recorder writing into `store` on every layer where image queries read the text;
+    returns the processors it replaced (all of them, to put back) and the recorders."""
+    original, processors, recorders = model.attn_processors, {}, []
+    for name, proc in original.items():
+        recorder = _recorder(model, name)
+        processors[name] = recorder(name, store) if recorder else proc
+        if recorder:
+            recorders.append(processors[name])
+    model.set_attn_processor(processors)
+    return original, recorders
+
+
 def keep_recorders(model, on: bool) -> None:
     """Install the recorders for good (`on`), recording only inside `capture_cross_attention`,
     or put the original processors back. Needed with gradient checkpointing: the backward
     pass recomputes each block's forward, and must meet the same processor the forward did."""
     if on and getattr(model, "_obliviate_recorders", None) is None:
-        original, store = model.attn_processors, {}
-        processors, recorders = {}, []
-        for name, proc in original.items():
-            recorder = _recorder(model, name)
-            processors[name] = recorder(name, store) if recorder else proc
-            if recorder:
-                recorders.append(processors[name])
-        model.set_attn_processor(processors)
+        original, recorders = _install_recorders(model, {})
         model._obliviate_recorders, model._obliviate_original = recorders, original
     elif not on and getattr(model, "_obliviate_recorders", None) is not None:
         model.set_attn_processor(model._obliviate_original)
@@ -169,13 +175,8 @@ def capture_cross_attention(model) -> Iterator[dict[str, dict[str, torch.Tensor]
             for recorder in kept:
                 recorder.store = {}
         return
-    original = model.attn_processors
-    store: dict[str, dict[str, torch.Tensor]] = {}
-    processors = {}
-    for name, proc in original.items():
-        recorder = _recorder(model, name)
-        processors[name] = recorder(name, store) if recorder else proc
-    model.set_attn_processor(processors)
+    store = {}
+    original, _ = _install_recorders(model, store)
     try:
         yield store
     finally:

@@ -41,7 +41,6 @@ class EraseContext:
     # the parameter group the current stage trains (engine.params), so that φ can be a light
     # view of a component instead of a copy (engine.frozen); None: copy components whole
     train_group: str | None = None
-    light_frozen: bool = True
     _frozen: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -71,7 +70,7 @@ class EraseContext:
         """
         if component not in self._frozen:
             live = getattr(self.pipe, component)
-            view = frozen_view(live, self._trained_in(component)) if self.light_frozen else None
+            view = frozen_view(live, self._trained_in(component))
             self._frozen[component] = view or copy.deepcopy(live).eval().requires_grad_(False)
         return self._frozen[component]
 

@@ -64,8 +64,8 @@ def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
 def _train(method, ctx, params, steps, lr, batch_size, seed, checkpoint_dir, checkpoint_every, resume,
            refresh, robust, checkpoint_info) -> dict:
     """The loop, on the trainable tensors `params` ({name: parameter}); tensors stored in half
-    precision train as float32 master copies (the forward runs under the accelerator's
-    autocast) and go back to their type when the loop ends."""
+    precision train as float32 master copies (the forward runs under `ctx.autocast`, in the
+    weights' type) and go back to their type when the loop ends."""
     half = {n: p.dtype for n, p in params.items() if p.dtype in (torch.float16, torch.bfloat16)}
     for n in half:
         params[n].data = params[n].data.float()

@@ -18,22 +18,10 @@ class Conditioning:
     states: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.states)
-
     def expand(self, n: int) -> "Conditioning":
         """A one-prompt conditioning repeated for a batch of `n` (e.g. the empty prompt)."""
         return Conditioning(self.states.expand(n, *self.states.shape[1:]),
                             {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()})
-
-    def __getitem__(self, idx) -> "Conditioning":
-        return Conditioning(self.states[idx], {k: v[idx] for k, v in self.extra.items()})
-
-    @staticmethod
-    def cat(parts: list["Conditioning"]) -> "Conditioning":
-        """Rows of several conditionings, in order."""
-        return Conditioning(torch.cat([p.states for p in parts]),
-                            {k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra})
 
 
 Getter = Callable[[str], nn.Module]
@@ -71,9 +59,16 @@ class Family:
 
     def token_ids(self, pipe, prompts: list[str], tokenizer: str = "tokenizer") -> torch.Tensor:
         """Token ids padded to the tokenizer's length, as the pipelines tokenize."""
-        tok = getattr(pipe, tokenizer)
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+        from ..finetune import prompt_ids
+
+        return prompt_ids(getattr(pipe, tokenizer), prompts)
+
+    def clip_states(self, pipe, prompts: list[str], get: Getter, encoder: str, tokenizer: str):
+        """(penultimate hidden states, pooled/projected output) of one CLIP encoder, the two
+        things SDXL and SD3 condition on."""
+        module = get(encoder)
+        out = module(self.token_ids(pipe, prompts, tokenizer).to(module.device), output_hidden_states=True)
+        return out.hidden_states[-2], out[0]
 
     # -- noise and what the denoiser predicts (DDPM: ε- or v-prediction) ----------------------
     def training_scheduler(self, pipe):

@@ -27,6 +27,7 @@ class Flux(FlowMatching):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     text_attacks = False
+    time_scale = 1.0  # the pipeline divides its timesteps by 1000: the transformer takes σ
     denoiser_rules = StableDiffusion3.denoiser_rules
     text_projections = StableDiffusion3.text_projections
 
@@ -38,16 +39,11 @@ class Flux(FlowMatching):
         states = t5(ids.to(t5.device), output_hidden_states=False)[0]
         return Conditioning(states, {"pooled_projections": pooled})
 
-    def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """Flux's transformer takes σ itself (the pipeline divides its timesteps by 1000)."""
-        return (t.float() + 1) / 1000
-
     def predict(self, denoiser, x_t, t, cond):
+        from diffusers import FluxPipeline
+
         side = int(round(x_t.shape[1] ** 0.5))  # packed: (batch, (h/2)·(w/2), 4·channels), square
-        img_ids = torch.zeros(side, side, 3)
-        img_ids[..., 1] += torch.arange(side)[:, None]
-        img_ids[..., 2] += torch.arange(side)[None, :]
-        img_ids = img_ids.reshape(side * side, 3).to(x_t.device, x_t.dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(len(x_t), side, side, x_t.device, x_t.dtype)
         txt_ids = torch.zeros(cond.states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
         guidance = (torch.full((len(x_t),), GUIDANCE, device=x_t.device)
                     if denoiser.config.guidance_embeds else None)
@@ -57,16 +53,18 @@ class Flux(FlowMatching):
 
     def pack(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """(batch, c, h, w) VAE latents as the transformer reads them: 2×2 patches in a row."""
-        b, c, h, w = latents.shape
-        return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._pack_latents(latents, *latents.shape)
 
     def native_size(self, pipe) -> int:
         return pipe.default_sample_size
 
     def unpack(self, pipe, latents: torch.Tensor) -> torch.Tensor:
-        b, n, c4 = latents.shape
-        side = int(round(n ** 0.5))
-        return latents.view(b, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, 2 * side, 2 * side)
+        from diffusers import FluxPipeline
+
+        pixels = 2 * int(round(latents.shape[1] ** 0.5)) * pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(latents, pixels, pixels, pipe.vae_scale_factor)
 
     def latent_channels(self, pipe) -> int:
         return pipe.transformer.config.in_channels // 4

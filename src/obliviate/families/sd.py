@@ -15,9 +15,7 @@ class StableDiffusion(Family):
     def encode(self, pipe, prompts, get):
         """Last hidden states of the text encoder, as `StableDiffusionPipeline` conditions."""
         encoder = get("text_encoder")
-        ids = self.token_ids(pipe, prompts).to(encoder.device)
-        return Conditioning(encoder(ids)[0])
+        return Conditioning(encoder(self.token_ids(pipe, prompts).to(encoder.device))[0])
 
     def predict(self, denoiser, x_t, t, cond):
-        states = cond.states if isinstance(cond, Conditioning) else cond
-        return denoiser(x_t, t, states).sample
+        return denoiser(x_t, t, cond.states).sample

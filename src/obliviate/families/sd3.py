@@ -22,6 +22,8 @@ T5_TOKENS = 256
 class FlowMatching(Family):
     """Rectified-flow training (SD3, Flux): σ from the engine's integer t."""
 
+    time_scale = 1000.0  # the transformer's timestep is time_scale·σ (SD3 1000·σ, Flux σ)
+
     def training_scheduler(self, pipe):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -44,8 +46,8 @@ class FlowMatching(Family):
         return x_t - self.sigma(sched, t, x_t) * pred
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The transformer's timestep for integer t: 1000·σ."""
-        return t.float() + 1
+        """The transformer's timestep for integer t: time_scale·σ, σ = (t + 1)/1000."""
+        return (t.float() + 1) / 1000 * self.time_scale
 
 
 class StableDiffusion3(FlowMatching):
@@ -63,12 +65,8 @@ class StableDiffusion3(FlowMatching):
     }
 
     def encode(self, pipe, prompts, get):
-        clip, pooled = [], []
-        for enc_name, tok_name in zip(self.text_encoders[:2], self.tokenizers[:2]):
-            encoder = get(enc_name)
-            out = encoder(self.token_ids(pipe, prompts, tok_name).to(encoder.device), output_hidden_states=True)
-            clip.append(out.hidden_states[-2])
-            pooled.append(out[0])
+        clip, pooled = zip(*(self.clip_states(pipe, prompts, get, enc, tok)
+                             for enc, tok in zip(self.text_encoders[:2], self.tokenizers[:2])))
         clip_states = torch.cat(clip, dim=-1)
         width = pipe.transformer.config.joint_attention_dim
         if getattr(pipe, "text_encoder_3", None) is not None:

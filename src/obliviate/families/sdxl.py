@@ -24,12 +24,9 @@ class StableDiffusionXL(Family):
         """cat(penultimate states of each encoder), pooled embedding of the last encoder."""
         states, pooled = [], None
         for enc_name, tok_name in zip(self.text_encoders, self.tokenizers):
-            if getattr(pipe, enc_name, None) is None:
-                continue
-            encoder = get(enc_name)
-            out = encoder(self.token_ids(pipe, prompts, tok_name).to(encoder.device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = out[0]
+            if getattr(pipe, enc_name, None) is not None:
+                hidden, pooled = self.clip_states(pipe, prompts, get, enc_name, tok_name)
+                states.append(hidden)
         size = self.image_size(pipe)
         ids = torch.tensor([size, size, 0, 0, size, size], dtype=states[0].dtype, device=states[0].device)
         extra = {"text_embeds": pooled, "time_ids": ids.expand(len(prompts), -1)}
