@@ -87,7 +87,8 @@ def test_the_cli_erases_an_sdxl_folder_and_refuses_what_sdxl_lacks(sdxl_base, tm
     assert main(["erase", "--model", str(sdxl_base), "--concept", "star", "--out", str(out),
                  "--steps", "2", "--batch-size", "2"]) == 0
     assert (out / "ledger.json").exists() and (out / "unet").is_dir() and (out / "text_encoder_2").is_dir()
-    for args in (["erase", "--model", str(sdxl_base), "--concept", "star", "--out", str(tmp_path / "r"), "--robust"],
+    for args in (["erase", "--model", str(sdxl_base), "--concept", "star", "--out", str(tmp_path / "r"), "--robust",
+                  "--method", "esd"],
                  ["eval", "--model", str(out), "--attacks", "softprompt"],
                  ["export", str(out), "--format", "lora", "--out", str(tmp_path / "r")]):
         capsys.readouterr()
@@ -188,3 +189,24 @@ def test_every_method_runs_on_every_family_and_the_output_loads_in_diffusers(tmp
     out = tmp_path / "out"
     again = getattr(diffusers, type(pipe).__name__).from_pretrained(out, local_files_only=True, **absent_components(out))
     assert weights_sha256(again) == result.entry.weights_sha256 == weights_sha256(load_pipeline(out))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_duge_robust_hardens_the_body_on_every_family(tmp_path, monkeypatch, family):
+    """--robust on DUGE learns no soft prompt (an ESD-u stage, then DUGE), so it runs on every
+    family: the denoiser's body moves as well as the text keys and values, nothing else; the
+    same for UCE's closed-form robust rounds on what reads the text."""
+    pipe = load_pipeline(tiny_base(tmp_path, monkeypatch, family))
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request(("star",)), out=tmp_path / "out", robust={"harden_steps": 2}, **FAST)
+    changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
+    kv = RULES[family]["duge"]
+    body = RULES[family]["esd-object"]
+    assert any(kv(k) for k in changed) and any(body(k) and not kv(k) for k in changed)
+    assert all(kv(k) or body(k) for k in changed), sorted(changed)[:3]
+    assert result.stats["harden_seconds"] > 0
+    # UCE's closed-form robust rounds need no soft prompt either
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request(("square",)), method="uce", out=tmp_path / "uce", robust=True, progress=False)
+    changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
+    assert changed and all(RULES[family]["uce"](k) for k in changed) and result.stats["rece_rounds"] == 3

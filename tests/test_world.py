@@ -59,3 +59,19 @@ def test_prompt_pairs_never_name_an_avoided_concept():
     assert not words & {"star", "red"}
     assert {"circle", "square"} <= words  # the other objects still appear
     assert all("striped" in f and "solid" in r for f, r in pairs)
+
+
+def test_memory_prompts_can_leave_no_kind_free():
+    # a keep prompt that names no style lets the model draw stripes; `named` closes the slot
+    shapes = ShapesWorld()
+    rng = np.random.default_rng(0)
+    styles = {c.name for c in vocab.BY_KIND["style"]} - {"striped"}
+    free = shapes.memory_prompts({"striped"}, 200, rng)
+    named = shapes.memory_prompts({"striped"}, 200, rng, named={"style"})
+    says_style = lambda p: any(w.strip(",") in styles for w in p.split())  # noqa: E731
+    assert not all(says_style(p) for p in free)
+    assert all(says_style(p) for p in named) and not any("striped" in p for p in named)
+    # a kind whose every concept is removed is never named, even when asked for
+    every_colour = {c.name for c in vocab.BY_KIND["colour"]}
+    got = shapes.memory_prompts(every_colour, 50, rng, named={"colour", "style"})
+    assert not any(c in p for p in got for c in every_colour)

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .engine.robust import Robust, trains_soft_prompts
 from .erase import erase
 from .evaluate.attacks import check_attacks, check_attacks_for, run_attacks
 from .families import family_of
+from .methods.base import get_method
 from .errors import ObliviateError
 from .evaluate.evaluation import evaluate_model, load_judge
 from .pipeline import load_pipeline
@@ -109,8 +111,11 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
     check_attacks_for(base_pipe, list(attacks))
-    if any(m.endswith("+robust") for m in methods):
-        family_of(base_pipe).check_text_attacks("--robust")
+    for method in (m for m in methods if m.endswith("+robust")):
+        name = method.partition("+")[0]
+        m = get_method(name, **((options or {}).get(method, (options or {}).get(name)) or {}))
+        if trains_soft_prompts(m, Robust.checked(m.robust_settings)):
+            family_of(base_pipe).check_text_attacks(f"--robust on {name} (it learns soft prompts)")
     judge = load_judge(base_pipe)
     base = evaluate_model(base_pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
                           keep_images=True)

@@ -50,7 +50,8 @@ class ConceptWorld:
                        avoid: set[str] = frozenset()) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
-    def memory_prompts(self, avoid: set[str], n: int, rng: np.random.Generator) -> list[str]:  # pragma: no cover
+    def memory_prompts(self, avoid: set[str], n: int, rng: np.random.Generator,
+                       named: set[str] = frozenset()) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
     def real_images(self, concept: str, n: int, seed: int) -> np.ndarray:  # pragma: no cover
@@ -109,10 +110,14 @@ class ShapesWorld(ConceptWorld):
         return [vocab.fill(templates[rng.integers(len(templates))], {c.kind: c.name}, rng,
                            set(avoid) | {c.name}) for _ in range(n)]
 
-    def memory_prompts(self, avoid, n, rng):
-        """`n` prompts naming only concepts outside `avoid` (the replay memory bank)."""
+    def memory_prompts(self, avoid, n, rng, named=frozenset()):
+        """`n` prompts naming only concepts outside `avoid` (the replay memory bank); with
+        `named` (kinds), only templates that fill a slot of each of those kinds, so that no
+        prompt leaves the model free to draw an avoided concept of that kind (a prompt that
+        names no style draws stripes a quarter of the time)."""
         exhausted = [k for k, cs in vocab.BY_KIND.items() if all(c.name in avoid for c in cs)]
-        templates = [t for t in vocab.TEMPLATES if not any(vocab.names(t, k) for k in exhausted)]
+        templates = [t for t in vocab.TEMPLATES if not any(vocab.names(t, k) for k in exhausted)
+                     and all(vocab.names(t, k) for k in set(named) - set(exhausted))]
         return [vocab.fill(templates[rng.integers(len(templates))], {}, rng, set(avoid)) for _ in range(n)]
 
 
@@ -164,7 +169,7 @@ class FreeTextWorld(ConceptWorld):
     def prompts_naming(self, concept, n, rng, avoid=frozenset()):
         return [_FREE_TEMPLATES[rng.integers(len(_FREE_TEMPLATES))].format(x=concept) for _ in range(n)]
 
-    def memory_prompts(self, avoid, n, rng):
+    def memory_prompts(self, avoid, n, rng, named=frozenset()):
         pool = [p for p in _FREE_MEMORY if not any(a.lower() in p for a in avoid)]
         return [pool[rng.integers(len(pool))] for _ in range(n)]
 

@@ -30,7 +30,7 @@ from .engine.data import LatentCache
 from .engine.harden import harden
 from .engine.loop import train
 from .engine.refresh import Refresh
-from .engine.robust import Robust
+from .engine.robust import Robust, trains_soft_prompts
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method, set_common
@@ -131,10 +131,11 @@ def erase(
     if robust:
         from .families import family_of
 
-        family_of(pipe).check_text_attacks("--robust")
         source = getattr(pipe, "obliviate_source", None)
         adversary = Robust.from_folder(Path(source) if source and Path(source).is_dir() else None,
                                        **{**m.robust_settings, **(robust if isinstance(robust, dict) else {})})
+        if trains_soft_prompts(m, adversary):
+            family_of(pipe).check_text_attacks(f"--robust on {method} (it learns soft prompts)")
         if m.closed_form:
             if not hasattr(m, "apply_robust"):
                 raise ObliviateError(f"--robust: {method!r} is closed-form and has no robust variant")

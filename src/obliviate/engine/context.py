@@ -188,12 +188,33 @@ class EraseContext:
         ledger settings as `prior_source`).
         """
         seed = self.seed if seed is None else seed
+        base = self.base_pipe()
+        if base is None:
+            return self.model_latents(prompts, seed)
+        return self.cache.get(base, self.base_sha, prompts, seed, progress=self.progress)
+
+    def base_pipe(self):
+        """The lineage's original model (loaded once), or None when this model is the
+        original or the original cannot be loaded."""
         if self.base_sha == self.model_sha or self.base_loader is None:
-            return self.model_latents(prompts, seed)
-        key_pipe = self.pipe
-        try:
-            key_pipe = self._frozen.get("base_pipe") or self.base_loader()
-            self._frozen["base_pipe"] = key_pipe
-        except Exception:  # noqa: BLE001 - the base may be gone; the current model is the prior
-            return self.model_latents(prompts, seed)
-        return self.cache.get(key_pipe, self.base_sha, prompts, seed, progress=self.progress)
+            return None
+        if "base_pipe" not in self._frozen:
+            try:
+                base = self.base_loader()
+            except Exception:  # noqa: BLE001 - the base may be gone; callers fall back to φ
+                return None
+            for name in (self.family.denoiser, *self.family.present_text_encoders(base)):
+                getattr(base, name).requires_grad_(False)
+            self._frozen["base_pipe"] = base
+        return self._frozen["base_pipe"]
+
+    @torch.no_grad()
+    def base_eps(self, x_t: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The lineage's original model's prediction for `prompts` (its own text encoders),
+        or φ's where there is no separate original (the first request of a lineage)."""
+        base = self.base_pipe()
+        if base is None:
+            return self.eps(x_t, t, self.encode(prompts, frozen=True), frozen=True)
+        with self.autocast():
+            cond = self.family.encode(base, prompts, lambda n: getattr(base, n))
+            return self.family.predict(getattr(base, self.family.denoiser), x_t, t, cond)

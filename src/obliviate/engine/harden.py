@@ -30,7 +30,8 @@ def harden(ctx, robust) -> dict:
     from ..methods.base import get_method
 
     esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
-                     lambda_keep=robust.harden_keep)
+                     lambda_keep=robust.harden_keep,
+                     keep_reference="original" if robust.harden_original else "before")
     after = ctx.train_group
     ctx.restart(esd.param_group)
     esd.prepare(ctx)

@@ -49,6 +49,16 @@ def _slots(tokenizer) -> list[tuple[str, int]]:
     return found
 
 
+def trains_soft_prompts(method, robust: "Robust") -> bool:
+    """Whether a `--robust` run of `method` learns soft prompts (mining, or UCE's mined
+    rounds): those go through one CLIP text encoder's token
+    embeddings, built for Stable Diffusion 1.x/2.x only. The hardening stage and UCE's
+    closed-form rounds work on any family."""
+    if method.closed_form:
+        return getattr(method, "robust_mode", None) == "mined"
+    return robust.mining
+
+
 @dataclass
 class Robust:
     """Settings and the pool of mined soft prompts ({target: [tensor (tokens, width)]})."""
@@ -57,6 +67,7 @@ class Robust:
     harden_steps: int = 0
     harden_lr: float = 1e-4
     harden_keep: float = 5.0
+    harden_original: bool = False
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60

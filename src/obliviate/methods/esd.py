@@ -10,7 +10,9 @@ the reference recommends, and x otherwise.
 world's memory prompts and the request's preserve set), images φ draws for them:
     L_keep = λ·‖ε_θ(x_t, c_keep, t) − ε_φ(x_t, c_keep, t)‖²
 (the source has none; ESD-u alone took colours down 0.13 on the shapes model when used as
---robust's hardening stage, docs/experiments.md). Default 0: the source's ESD.
+--robust's hardening stage, docs/experiments.md). Default 0: the source's ESD. The keep
+prompts name a concept of every removed concept's kind: a prompt that leaves the style free
+draws stripes a quarter of the time, and holding it held the stripes too.
 `lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
 the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
@@ -33,6 +35,7 @@ from .base import Method, register
 @dataclass
 class ESD(Method):
     name: ClassVar[str] = "esd"
+    option_choices: ClassVar[dict[str, tuple]] = {"keep_reference": ("before", "original")}
     forget_prompts: ClassVar = ((None, "prompts"),)
     variant: str = "auto"
     eta: float = 1.0
@@ -43,6 +46,7 @@ class ESD(Method):
     lora_rank: int = 0
     lambda_keep: float = 0.0
     keep_prompts: int = 32
+    keep_reference: str = "before"
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -66,9 +70,11 @@ class ESD(Method):
         self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
         if self.lambda_keep:
             removed = ctx.removed
-            keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng)
+            kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}
+            keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds)
             keep += [p for c in ctx.request.preserve for p in ctx.world.prompts_naming(c, 4, rng, removed)]
-            self._keep = {"prompts": keep, "latents": ctx.model_latents(keep)}
+            latents = ctx.base_latents if self.keep_reference == "original" else ctx.model_latents
+            self._keep = {"prompts": keep, "latents": latents(keep)}
         self._null = ctx.encode([""], frozen=True)
         ctx.freeze()
 
@@ -91,7 +97,10 @@ class ESD(Method):
         terms = {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}
         if "keep" in batch:
             x_k, _, t_k = ctx.noisy(batch["keep"])
-            want = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"], frozen=True), frozen=True)
+            if self.keep_reference == "original":
+                want = ctx.base_eps(x_k, t_k, batch["keep"]["prompts"])
+            else:
+                want = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"], frozen=True), frozen=True)
             got = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"]))
             terms["keep"] = self.lambda_keep * (got - want).pow(2).mean()
         return terms
