@@ -66,6 +66,37 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     assert not any(".attn2." not in k and not (v == before[k]).all() for k, v in pipeline_state(plain).items())
 
 
+def test_the_hardening_holds_later_requests_to_the_lineage_original(shapes_base, tmp_path, monkeypatch):
+    """In a lineage, the keep term's reference is the original model, not the model before
+    the request: otherwise each request's drift is kept by the next one and adds up."""
+    import torch
+
+    import obliviate.erase as erase_module
+
+    first = load_pipeline(shapes_base)
+    erase(first, Request(("star",)), method="esd", options={"variant": "u", "lr": 1e-2}, out=tmp_path / "1",
+          steps=3, batch_size=2, progress=False)
+    seen, real = {}, erase_module.harden
+
+    def spy(ctx, robust):
+        x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+        prompts = ["a red square", "a blue circle"]
+        seen["reference"] = ctx.base_eps(x, t, prompts)
+        seen["before"] = ctx.eps(x, t, ctx.encode(prompts, frozen=True), frozen=True)
+        original = load_pipeline(shapes_base)
+        ids = original.tokenizer(prompts, padding="max_length", max_length=original.tokenizer.model_max_length,
+                                 return_tensors="pt").input_ids
+        with torch.no_grad():
+            seen["original"] = original.unet(x, t, original.text_encoder(ids)[0]).sample
+        return real(ctx, robust)
+
+    monkeypatch.setattr(erase_module, "harden", spy)
+    erase(load_pipeline(tmp_path / "1"), Request(("square",)), out=tmp_path / "2", robust={"harden_steps": 2},
+          steps=2, batch_size=2, progress=False)
+    assert torch.allclose(seen["reference"], seen["original"], atol=1e-5)
+    assert not torch.allclose(seen["before"], seen["original"], atol=1e-3)
+
+
 def test_robust_wraps_esd_and_uce_has_a_closed_form_variant(shapes_base, tmp_path):
     pipe = load_pipeline(shapes_base)
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}

@@ -168,7 +168,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             if first:
                 grids[method].update(pictures)
             if progress:
-                tqdm.write(format_row(runs[seed][-1], list(sequence)))
+                tqdm.write(format_row(runs[seed][-1], list(sequence), max([10] + [len(m) for m in methods])))
             if not first:
                 bar.update(1)
                 continue
@@ -303,10 +303,11 @@ def _num(x: float) -> str:
     return "  -  " if x != x else f"{x:.3f}"
 
 
-def format_row(row: dict, sequence: list[str]) -> str:
-    """One table line: UA per target so far, retained accuracies, cost."""
+def format_row(row: dict, sequence: list[str], width: int = 10) -> str:
+    """One table line: UA per target so far, retained accuracies, cost (`width`: of the
+    method column)."""
     ua = " ".join(f"{row['ua'][c]:5.2f}" if c in row["ua"] else "    -" for c in sequence)
-    return (f"{row['method']:<10} {row['step']:>2} {row['removed']:<9} | {ua} | "
+    return (f"{row['method']:<{width}} {row['step']:>2} {row['removed']:<9} | {ua} | "
             f"ira {_num(row['ira'])} cra {_num(row['cra'])} kept {row['retained_ratio']:.2f} | "
             f"fid {row['fid']:6.2f} | {row['seconds']:6.1f} s {row['peak_memory_mb']:6.0f} MB "
             f"{row['bytes_stored'] / 1e6:6.2f} MB")
@@ -334,18 +335,19 @@ def robustness_summary(result: dict) -> list[dict]:
 def table(result: dict) -> str:
     """The headline table as text, then the attacks, then the robustness summary."""
     seq = result["sequence"]
-    head = (f"{'method':<10} {'k':>2} {'removed':<9} | " + " ".join(f"{c[:5]:>5}" for c in seq)
+    width = max([10] + [len(r["method"]) for r in result["rows"]])
+    head = (f"{'method':<{width}} {'k':>2} {'removed':<9} | " + " ".join(f"{c[:5]:>5}" for c in seq)
             + " | in-domain, cross-domain, never-removed/base | Fréchet | cost")
-    lines = [head] + [format_row(r, seq) for r in result["rows"]]
+    lines = [head] + [format_row(r, seq, width) for r in result["rows"]]
     lines += erosion_lines(result)
     for method, per_concept in result.get("attacks", {}).items():
         lines += _attack_lines(method, per_concept)
     if result.get("attacks"):
         show = lambda x: "  -  " if x is None else f"{x:5.2f}"  # noqa: E731
-        lines.append(f"{'method':<14} lowest UA | kept | worst-case recovery: soft-prompt  hard-prompt | "
+        lines.append(f"{'method':<{width + 4}} lowest UA | kept | worst-case recovery: soft-prompt  hard-prompt | "
                      "upper bound")
         for s in robustness_summary(result):
-            lines.append(f"{s['method']:<14} {s['lowest_ua']:9.2f} | {s['kept']:4.2f} | "
+            lines.append(f"{s['method']:<{width + 4}} {s['lowest_ua']:9.2f} | {s['kept']:4.2f} | "
                          f"{show(s['softprompt']):>32}  {show(s['hardprompt']):>11} | {show(s['upper_bound'])}")
     return "\n".join(lines)
 

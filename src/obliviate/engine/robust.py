@@ -67,7 +67,6 @@ class Robust:
     harden_steps: int = 0
     harden_lr: float = 1e-4
     harden_keep: float = 5.0
-    harden_original: bool = False
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60

@@ -12,7 +12,9 @@ world's memory prompts and the request's preserve set), images φ draws for them
 (the source has none; ESD-u alone took colours down 0.13 on the shapes model when used as
 --robust's hardening stage, docs/experiments.md). Default 0: the source's ESD. The keep
 prompts name a concept of every removed concept's kind: a prompt that leaves the style free
-draws stripes a quarter of the time, and holding it held the stripes too.
+draws stripes a quarter of the time, and holding it held the stripes too. `keep_reference`:
+"before" (ε_φ, the model before the request) or "original" (the lineage's original model,
+`ctx.base_eps`: the keep term then cannot carry an earlier request's drift forward).
 `lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
 the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
