@@ -60,6 +60,11 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     settings = Ledger.load(tmp_path / "h").entries[0].settings["robust"]
     assert settings["harden_steps"] == 3 and settings["mining"] is False
     assert result.stats["harden_seconds"] >= 0 and not (tmp_path / "h" / PROMPTS_FILE).exists()
+    # a colour or a style is held harder to what stays than an object
+    assert result.stats["harden_keep"] == 5.0
+    styled = erase(load_pipeline(shapes_base), Request(("striped",)), robust={"harden_steps": 1}, steps=1,
+                   batch_size=2, progress=False)
+    assert styled.stats["harden_keep"] == 10.0
     # without the stage, the body is untouched
     plain = load_pipeline(shapes_base)
     erase(plain, Request(("star",)), robust={"harden_steps": 0}, steps=3, batch_size=2, progress=False)

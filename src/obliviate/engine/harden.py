@@ -2,24 +2,25 @@
 
     target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t))
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖²
-trained on everything in the denoiser but what reads the text (methods.esd, variant u,
-`lambda_keep`) for `harden_steps` steps at `harden_lr`. c_keep are prompts naming no removed
-concept but naming a concept of every removed kind (the memory bank, the preserve set), and
-ε_0 is the lineage's original model: held to the model before the request instead, six
-hardened requests drifted (solid down to 0.57 of its accuracy; 0.96 now). Then φ is taken
-again (the hardened model is "the model before" for the method's own stage) and the method
-edits as usual. Needs no soft prompt, so it runs on every family.
+trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
+`harden_steps` steps at `harden_lr`, λ_keep from `keep_weight` (5 for objects, 10 for
+colours and styles). c_keep are prompts naming no removed concept but naming a concept of
+every removed kind (the memory bank, the preserve set); ε_0 is the lineage's original model:
+held to the model before the request instead, six hardened requests drifted (solid down to
+0.57 of its accuracy). Then φ is taken again (the hardened model is "the model before" for
+the method's own stage) and the method edits as usual. Needs no soft prompt, so it runs on
+every family.
 
 Why: an edit of the cross-attention keys and values (DUGE) moves where the target's word
 points, but the UNet body still draws the target for some text state, and a learned soft
 prompt finds one (star back at 0.85-0.96 after DUGE). ESD-u changes what the body draws for
 the target's conditioning but on its own removes less (UA 0.85). Together, on the shapes
-model, star: UA 1.00, the quick soft-prompt ladder at 0.04 (the full one at 0.27 with
-session 13's keep prompts), every other concept within 0.04. Not solved: a style (striped back at 0.83), UCE (its closed-form
-edit after this stage: 0.92), and a colour eroded by a later style's stage (yellow 0.85
-after six requests); docs/experiments.md, sessions 13-14. A white-box perturbation of the
-conditioning still finds stars (the upper bound): the capability is out of a prompt's reach,
-not gone.
+model, star: UA 1.00, the quick soft-prompt ladder at 0.04, the full one at 0.27 (session
+13's keep prompts; 0.29 at its 4-token, 1000-step rung with today's), every other concept
+within 0.04. Not solved: a style (striped back at 0.79-0.83 under every λ_keep that keeps
+the rest), UCE (its closed-form edit after this stage: 0.92). A white-box perturbation of
+the conditioning still finds stars (the upper bound): the capability is out of a prompt's
+reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13-14.
 """
 
 from __future__ import annotations
@@ -27,17 +28,27 @@ from __future__ import annotations
 from .loop import train
 
 
+def keep_weight(request, robust) -> float:
+    """λ_keep for this request: `harden_keep` when every target is an object, else
+    `harden_keep_attribute` (a colour or a style is drawn by body features every concept
+    shares: at λ 5 a style's stage cost a colour 0.11; an object's stage at λ 10 let star back
+    at 0.73 under the 4-token ladder rung, 0.29 at λ 5)."""
+    objects = all(t.kind == "object" for t in request.targets)
+    return robust.harden_keep if objects else robust.harden_keep_attribute
+
+
 def harden(ctx, robust) -> dict:
     """Run the ESD-u stage on `ctx` for `robust.harden_steps` steps, then retake φ for the
     method's stage (which trains the group `ctx.train_group` named before)."""
     from ..methods.base import get_method
 
+    keep = keep_weight(ctx.request, robust)
     esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
-                     lambda_keep=robust.harden_keep, keep_reference="original")
+                     lambda_keep=keep, keep_reference="original")
     after = ctx.train_group
     ctx.restart(esd.param_group)
     esd.prepare(ctx)
     stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed)
     ctx.restart(after)
-    return {"harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
+    return {"harden_keep": keep, "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}

@@ -67,6 +67,7 @@ class Robust:
     harden_steps: int = 0
     harden_lr: float = 1e-4
     harden_keep: float = 5.0
+    harden_keep_attribute: float = 10.0
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
@@ -108,10 +109,11 @@ class Robust:
         if (not 1 <= robust.tokens <= 4 or robust.every < 1 or robust.mine_steps < 0 or robust.first_steps < 0
                 or not 0 < robust.share <= 1 or robust.pool < 1 or robust.prompts < 1 or robust.batch_size < 1
                 or not robust.lr > 0 or not 0 <= robust.t_low < robust.t_high <= 1000
-                or robust.harden_steps < 0 or not robust.harden_lr > 0):
+                or robust.harden_steps < 0 or not robust.harden_lr > 0
+                or robust.harden_keep < 0 or robust.harden_keep_attribute < 0):
             raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps, first_steps and "
                                  "harden_steps >= 0, 0 < share <= 1, pool, prompts and batch_size >= 1, lr and "
-                                 "harden_lr > 0, 0 <= t_low < t_high <= 1000")
+                                 "harden_lr > 0, harden_keep and harden_keep_attribute >= 0, 0 <= t_low < t_high <= 1000")
         return robust
 
     @classmethod
