@@ -77,6 +77,7 @@ def test_the_hardening_holds_later_requests_to_the_lineage_original(shapes_base,
     import torch
 
     import obliviate.erase as erase_module
+    from obliviate.finetune import prompt_ids
 
     first = load_pipeline(shapes_base)
     erase(first, Request(("star",)), method="esd", options={"variant": "u", "lr": 1e-2}, out=tmp_path / "1",
@@ -89,8 +90,7 @@ def test_the_hardening_holds_later_requests_to_the_lineage_original(shapes_base,
         seen["reference"] = ctx.base_eps(x, t, prompts)
         seen["before"] = ctx.eps(x, t, ctx.encode(prompts, frozen=True), frozen=True)
         original = load_pipeline(shapes_base)
-        ids = original.tokenizer(prompts, padding="max_length", max_length=original.tokenizer.model_max_length,
-                                 return_tensors="pt").input_ids
+        ids = prompt_ids(original.tokenizer, prompts)
         with torch.no_grad():
             seen["original"] = original.unet(x, t, original.text_encoder(ids)[0]).sample
         return real(ctx, robust)

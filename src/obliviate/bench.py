@@ -113,7 +113,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     check_attacks_for(base_pipe, list(attacks))
     for method in (m for m in methods if m.endswith("+robust")):
         name = method.partition("+")[0]
-        m = get_method(name, **((options or {}).get(method, (options or {}).get(name)) or {}))
+        m = get_method(name, **(_method_options(options, method) or {}))
         if trains_soft_prompts(m, Robust.checked(m.robust_settings)):
             family_of(base_pipe).check_text_attacks(f"--robust on {name} (it learns soft prompts)")
     judge = load_judge(base_pipe)
@@ -150,7 +150,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             out = work / method / (f"{step}-{concept}" if len(seeds) == 1 else f"seed{seed}" / Path(f"{step}-{concept}"))
             name, _, plugin = method.partition("+")
             result = erase(pipe, Request((concept,)), method=name, out=out, save=save, seed=seed,
-                           options=(options or {}).get(method, (options or {}).get(name)),
+                           options=_method_options(options, method),
                            refresh=plugin == "refresh", robust=plugin == "robust", progress=False)
             metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
                                      keep_images=True)
@@ -168,7 +168,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             if first:
                 grids[method].update(pictures)
             if progress:
-                tqdm.write(format_row(runs[seed][-1], list(sequence), max([10] + [len(m) for m in methods])))
+                tqdm.write(format_row(runs[seed][-1], list(sequence), method_width(methods)))
             if not first:
                 bar.update(1)
                 continue
@@ -303,6 +303,17 @@ def _num(x: float) -> str:
     return "  -  " if x != x else f"{x:.3f}"
 
 
+def _method_options(options: dict | None, method: str) -> dict | None:
+    """The `--set` options of a bench method: given for `METHOD+plugin` itself, else for METHOD."""
+    options = options or {}
+    return options.get(method, options.get(method.partition("+")[0]))
+
+
+def method_width(methods) -> int:
+    """Width of the tables' method column: the longest name, at least 10."""
+    return max([10, *(len(m) for m in methods)])
+
+
 def format_row(row: dict, sequence: list[str], width: int = 10) -> str:
     """One table line: UA per target so far, retained accuracies, cost (`width`: of the
     method column)."""
@@ -335,7 +346,7 @@ def robustness_summary(result: dict) -> list[dict]:
 def table(result: dict) -> str:
     """The headline table as text, then the attacks, then the robustness summary."""
     seq = result["sequence"]
-    width = max([10] + [len(r["method"]) for r in result["rows"]])
+    width = method_width(r["method"] for r in result["rows"])
     head = (f"{'method':<{width}} {'k':>2} {'removed':<9} | " + " ".join(f"{c[:5]:>5}" for c in seq)
             + " | in-domain, cross-domain, never-removed/base | Fréchet | cost")
     lines = [head] + [format_row(r, seq, width) for r in result["rows"]]

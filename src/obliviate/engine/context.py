@@ -200,12 +200,9 @@ class EraseContext:
             return None
         if "base_pipe" not in self._frozen:
             try:
-                base = self.base_loader()
+                self._frozen["base_pipe"] = self.base_loader()
             except Exception:  # noqa: BLE001 - the base may be gone; callers fall back to φ
                 return None
-            for name in (self.family.denoiser, *self.family.present_text_encoders(base)):
-                getattr(base, name).requires_grad_(False)
-            self._frozen["base_pipe"] = base
         return self._frozen["base_pipe"]
 
     @torch.no_grad()

@@ -51,9 +51,9 @@ def _slots(tokenizer) -> list[tuple[str, int]]:
 
 def trains_soft_prompts(method, robust: "Robust") -> bool:
     """Whether a `--robust` run of `method` learns soft prompts (mining, or UCE's mined
-    rounds): those go through one CLIP text encoder's token
-    embeddings, built for Stable Diffusion 1.x/2.x only. The hardening stage and UCE's
-    closed-form rounds work on any family."""
+    rounds): those go through one CLIP text encoder's token embeddings, built for Stable
+    Diffusion 1.x/2.x only. The hardening stage and UCE's closed-form rounds work on any
+    family."""
     if method.closed_form:
         return getattr(method, "robust_mode", None) == "mined"
     return robust.mining
@@ -113,7 +113,8 @@ class Robust:
                 or robust.harden_keep < 0 or robust.harden_keep_attribute < 0):
             raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps, first_steps and "
                                  "harden_steps >= 0, 0 < share <= 1, pool, prompts and batch_size >= 1, lr and "
-                                 "harden_lr > 0, harden_keep and harden_keep_attribute >= 0, 0 <= t_low < t_high <= 1000")
+                                 "harden_lr > 0, harden_keep and harden_keep_attribute >= 0, "
+                                 "0 <= t_low < t_high <= 1000")
         return robust
 
     @classmethod
