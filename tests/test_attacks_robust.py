@@ -102,6 +102,45 @@ def test_the_hardening_holds_later_requests_to_the_lineage_original(shapes_base,
     assert not torch.allclose(seen["before"], seen["original"], atol=1e-3)
 
 
+def test_the_paired_image_term_denoises_the_targets_images_to_their_anchor_counterparts(tmp_path, monkeypatch):
+    """ESD with `lambda_image` (the hardening's paired-image term): after training, the UNet
+    takes a noisy image of the target, under the target's prompt, closer to the same-seed
+    image of its anchor than the same training without the term does."""
+    import numpy as np
+    import torch
+
+    from obliviate.concepts import world_for
+    from obliviate.engine.data import LatentCache
+    from obliviate.finetune import prompt_ids
+
+    def x0_distance(pipe, forget, anchor):
+        ids = prompt_ids(pipe.tokenizer, prompts)
+        gen = torch.Generator().manual_seed(1)
+        noise, t = torch.randn(forget.shape, generator=gen), torch.full((len(forget),), 400)
+        x_t = pipe.scheduler.add_noise(forget, noise, t)
+        with torch.no_grad():
+            eps = pipe.unet(x_t, t, pipe.text_encoder(ids)[0]).sample
+        a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return float(((x_t - (1 - a).sqrt() * eps) / a.sqrt() - anchor).pow(2).mean())
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    base = load_pipeline("shapes")
+    world = world_for(base)
+    pairs = world.prompt_pairs(world.target("striped"), "solid", 8, np.random.default_rng(5))
+    prompts = [p for p, _ in pairs]
+    cache, sha = LatentCache(), "base"
+    forget = cache.get(base, sha, prompts, 0)
+    anchor = cache.get(base, sha, [a for _, a in pairs], 0)
+    distances = {}
+    for weight in (0.0, 10.0):
+        pipe = load_pipeline("shapes")
+        erase(pipe, Request(("striped",)), method="esd",
+              options={"variant": "u", "lr": 1e-3, "lambda_image": weight, "image_pairs": 8},
+              steps=10, batch_size=4, progress=False)
+        distances[weight] = x0_distance(pipe, forget, anchor)
+    assert distances[10.0] < 0.8 * distances[0.0], distances
+
+
 def test_robust_wraps_esd_and_uce_has_a_closed_form_variant(shapes_base, tmp_path):
     pipe = load_pipeline(shapes_base)
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}

@@ -522,10 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "target back and erase them too; uce solves RECE rounds (default: off)")
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
                    help="a --robust setting, repeatable: harden_steps, harden_lr, harden_keep, "
-                        "harden_keep_attribute, mining, every, mine_steps, first_steps, tokens, vary_tokens, pool, "
-                        "share, lr, batch_size, prompts, t_low, t_high (default: the method's; duge: "
-                        "harden_steps=100, harden_keep=5 for objects, harden_keep_attribute=10 for colours and "
-                        "styles, mining=false)")
+                        "harden_keep_attribute, harden_image, harden_image_pairs, mining, every, mine_steps, "
+                        "first_steps, tokens, vary_tokens, pool, share, lr, batch_size, prompts, t_low, t_high "
+                        "(default: the method's; duge: harden_steps=100, harden_keep=5 for objects, "
+                        "harden_keep_attribute=10 for colours and styles, harden_image=2 (paired-image term), "
+                        "harden_image_pairs=64, mining=false)")
     r.set_defaults(func=_cmd_erase)
 
     lg = _sub(sub, "ledger", "print a model's lineage", "obliviate ledger runs/2 --json")

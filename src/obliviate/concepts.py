@@ -159,7 +159,9 @@ class FreeTextWorld(ConceptWorld):
     def default_preserve(self, target, avoid):
         return []
 
-    def prompt_pairs(self, target, anchor, n, rng, synonyms=False):
+    def prompt_pairs(self, target, anchor, n, rng, synonyms=False, avoid=frozenset()):
+        """`n` (target prompt, anchor prompt) pairs on generic templates (`avoid` has no
+        slot to keep it out of: the template names only the concept)."""
         out = []
         for _ in range(n):
             t = _FREE_TEMPLATES[rng.integers(len(_FREE_TEMPLATES))]

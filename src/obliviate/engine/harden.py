@@ -1,11 +1,14 @@
 """The hardening stage of `--robust`: ESD-u, held on what must stay, before the method runs.
 
     target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t))
-    L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖²
+    L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
 `harden_steps` steps at `harden_lr`, λ_keep from `keep_weight` (5 for objects, 10 for
-colours and styles). c_keep are prompts naming no removed concept but naming a concept of
-every removed kind (the memory bank, the preserve set); ε_0 is the lineage's original model:
+colours and styles). L_img (ESD's paired-image term, λ `harden_image` 2, `harden_image_pairs`
+64): noisy images of the target denoise to same-seed images of its anchor, kept concepts'
+images to themselves; without it a soft prompt brought striped back at 0.79-0.92. c_keep
+are prompts naming no removed concept but naming a concept of every removed kind (the
+memory bank, the preserve set); ε_0 is the lineage's original model:
 held to the model before the request instead, six hardened requests drifted (solid down to
 0.57 of its accuracy). Then φ is taken again (the hardened model is "the model before" for
 the method's own stage) and the method edits as usual. Needs no soft prompt, so it runs on
@@ -15,12 +18,12 @@ Why: an edit of the cross-attention keys and values (DUGE) moves where the targe
 points, but the UNet body still draws the target for some text state, and a learned soft
 prompt finds one (star back at 0.85-0.96 after DUGE). ESD-u changes what the body draws for
 the target's conditioning but on its own removes less (UA 0.85). Together, on the shapes
-model, star: UA 1.00, the quick soft-prompt ladder at 0.04, the full one at 0.27 (session
-13's keep prompts; 0.29 at its 4-token, 1000-step rung with today's), every other concept
-within 0.04. Not solved: a style (striped back at 0.79-0.83 under every λ_keep that keeps
-the rest), UCE (its closed-form edit after this stage: 0.92). A white-box perturbation of
+model, star before the paired-image term: UA 1.00, the quick soft-prompt ladder at 0.04, the
+full one at 0.31; with it 0.02, its two strongest full-ladder rungs 0.00 and 0.04. Striped
+with it: quick ladder 0.06, every other concept within 0.04 (one seed; docs/benchmarks.md).
+Not solved: UCE (its closed-form edit after this stage: 0.92). A white-box perturbation of
 the conditioning still finds stars (the upper bound): the capability is out of a prompt's
-reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13-14.
+reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13-15.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def harden(ctx, robust) -> dict:
 
     keep = keep_weight(ctx.request, robust)
     esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
-                     lambda_keep=keep, keep_reference="original")
+                     lambda_keep=keep, keep_reference="original",
+                     lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs)
     after = ctx.train_group
     ctx.restart(esd.param_group)
     esd.prepare(ctx)

@@ -68,6 +68,8 @@ class Robust:
     harden_lr: float = 1e-4
     harden_keep: float = 5.0
     harden_keep_attribute: float = 10.0
+    harden_image: float = 2.0
+    harden_image_pairs: int = 64
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
@@ -110,10 +112,12 @@ class Robust:
                 or not 0 < robust.share <= 1 or robust.pool < 1 or robust.prompts < 1 or robust.batch_size < 1
                 or not robust.lr > 0 or not 0 <= robust.t_low < robust.t_high <= 1000
                 or robust.harden_steps < 0 or not robust.harden_lr > 0
-                or robust.harden_keep < 0 or robust.harden_keep_attribute < 0):
+                or robust.harden_keep < 0 or robust.harden_keep_attribute < 0 or robust.harden_image < 0
+                or robust.harden_image_pairs < 1):
             raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps, first_steps and "
                                  "harden_steps >= 0, 0 < share <= 1, pool, prompts and batch_size >= 1, lr and "
-                                 "harden_lr > 0, harden_keep and harden_keep_attribute >= 0, "
+                                 "harden_lr > 0, harden_keep, harden_keep_attribute and harden_image >= 0, "
+                                 "harden_image_pairs >= 1, "
                                  "0 <= t_low < t_high <= 1000")
         return robust
 

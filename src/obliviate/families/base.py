@@ -87,6 +87,11 @@ class Family:
             return sched.get_velocity(x0, noise, t)
         return noise
 
+    def snr(self, sched, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio of x_t at integer t: ᾱ_t/(1−ᾱ_t)."""
+        a = sched.alphas_cumprod[t.cpu()].float()
+        return (a / (1 - a)).to(t.device)
+
     def x0(self, sched, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The clean latent a prediction implies: (x_t − √(1−ᾱ)·ε)/√ᾱ, or √ᾱ·x_t − √(1−ᾱ)·v."""
         a = sched.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.ndim - 1))

@@ -42,6 +42,10 @@ class FlowMatching(Family):
     def target(self, sched, x0, noise, t):
         return noise - x0
 
+    def snr(self, sched, t):
+        s = (t.float() + 1) / sched.config.num_train_timesteps
+        return ((1 - s) / s) ** 2
+
     def x0(self, sched, x_t, pred, t):
         return x_t - self.sigma(sched, t, x_t) * pred
 

@@ -15,6 +15,16 @@ prompts name a concept of every removed concept's kind: a prompt that leaves the
 draws stripes a quarter of the time, and holding it held the stripes too. `keep_reference`:
 "before" (ε_φ, the model before the request) or "original" (the lineage's original model,
 `ctx.base_eps`: the keep term then cannot carry an earlier request's drift forward).
+`lambda_image=λ_img` adds the paired-image term (`--robust`'s hardening uses it): the
+lineage's original model draws target prompts and the same prompts with the word replaced
+by the anchor, on one seed (the same layout), and the body learns to take a noisy target
+image, under the target's or the anchor's prompt (half each), to the anchor image; kept
+concepts of the target's kind are held to their own images the same way
+(`request.preserve`, `image_pairs/2` each):
+    L_img = λ_img·min(SNR_t, 5)·(‖x̂_0,θ(x_t(x_tgt), c, t) − x_anc‖²
+                                + ‖x̂_0,θ(x_t(x_keep), c_keep, t) − x_keep‖²)
+for t ∈ [200, 1000) (Min-SNR weighting, Hang et al. 2023). Not in the source; a textual
+inversion of the target then finds no conditioning that denoises its images well.
 `lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
 the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
@@ -49,6 +59,11 @@ class ESD(Method):
     lambda_keep: float = 0.0
     keep_prompts: int = 32
     keep_reference: str = "before"
+    lambda_image: float = 0.0
+    image_pairs: int = 24
+    image_t_low: int = 200
+    image_t_high: int = 1000
+    image_snr_cap: float = 5.0
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -70,13 +85,15 @@ class ESD(Method):
         prompts = [p for t in ctx.request.targets
                    for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
         self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
+        removed = ctx.removed
         if self.lambda_keep:
-            removed = ctx.removed
             kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}
             keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds)
             keep += [p for c in ctx.request.preserve for p in ctx.world.prompts_naming(c, 4, rng, removed)]
             latents = ctx.base_latents if self.keep_reference == "original" else ctx.model_latents
             self._keep = {"prompts": keep, "latents": latents(keep)}
+        if self.lambda_image:
+            self._prepare_images(ctx, rng, removed)
         self._null = ctx.encode([""], frozen=True)
         ctx.freeze()
 
@@ -88,6 +105,8 @@ class ESD(Method):
             k = torch.randint(0, len(self._keep["prompts"]), (batch_size,), generator=generator).tolist()
             keep = {"prompts": [self._keep["prompts"][i] for i in k], "latents": self._keep["latents"][k]}
             out["keep"] = ctx.draw(keep, generator)
+        if self.lambda_image:
+            out.update(self._image_batch(ctx, batch_size, generator))
         return out
 
     def loss(self, ctx, batch):
@@ -105,4 +124,51 @@ class ESD(Method):
                 want = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"], frozen=True), frozen=True)
             got = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"]))
             terms["keep"] = self.lambda_keep * (got - want).pow(2).mean()
+        if "image" in batch:
+            terms["image"] = self.lambda_image * self._x0_error(ctx, batch["image"], "anchor_latents")
+        if "held" in batch:
+            terms["held"] = self.lambda_image * self._x0_error(ctx, batch["held"], "latents")
         return terms
+
+    # -- the paired-image term (--robust's hardening of a colour or a style) -----------------
+    def _prepare_images(self, ctx, rng, removed) -> None:
+        """The lineage original's drawings of target prompts and of the same prompts with the
+        target's word replaced by its anchor (same seed, so the same layout), and of the same
+        prompts naming each kept concept of the target's kind (request.preserve). From the
+        original, not φ: held to φ's drawings, six requests let each one's drift into the next
+        (never-removed mean 0.94 of the shipped model's after three)."""
+        pairs = [pair for t, a in zip(ctx.request.targets, ctx.request.anchors)
+                 for pair in ctx.world.prompt_pairs(t, a, self.image_pairs, rng, avoid=removed)]
+        forget, anchor = [p for p, _ in pairs], [a for _, a in pairs]
+        kinds = {t.kind for t in ctx.request.targets}
+        kept = [c for c in ctx.request.preserve if ctx.world.target(c).kind in kinds]
+        held = [p for t in ctx.request.targets for c in kept
+                for _, p in ctx.world.prompt_pairs(t, c, max(1, self.image_pairs // 2), rng, avoid=removed)]
+        drawn = ctx.base_latents
+        self._images = {"prompts": forget, "anchor_prompts": anchor, "latents": drawn(forget),
+                        "anchor_latents": drawn(anchor)}
+        self._held = {"prompts": held, "latents": drawn(held)} if held else None
+
+    def _image_batch(self, ctx, batch_size, generator) -> dict:
+        """A sub-batch of target images conditioned on the target's or the anchor's prompt
+        (at random), and one of kept concepts' images on their own prompts."""
+        t_range = (self.image_t_low, self.image_t_high)
+        k = torch.randint(0, len(self._images["prompts"]), (batch_size,), generator=generator).tolist()
+        use_anchor = torch.rand(batch_size, generator=generator).lt(0.5).tolist()
+        prompts = [self._images["anchor_prompts" if a else "prompts"][i] for i, a in zip(k, use_anchor)]
+        image = {"prompts": prompts, "latents": self._images["latents"][k],
+                 "anchor_latents": self._images["anchor_latents"][k]}
+        out = {"image": ctx.draw(image, generator, t_range)}
+        if self._held:
+            h = torch.randint(0, len(self._held["prompts"]), (batch_size,), generator=generator).tolist()
+            held = {"prompts": [self._held["prompts"][i] for i in h], "latents": self._held["latents"][h]}
+            out["held"] = ctx.draw(held, generator, t_range)
+        return out
+
+    def _x0_error(self, ctx, sub: dict, goal: str) -> torch.Tensor:
+        """min(SNR_t, cap)·‖x̂_0,θ(x_t, c, t) − sub[goal]‖², x_t noised from sub["latents"]
+        (Min-SNR weighting: the ε-space loss at high noise, capped where x̂_0 is nearly given)."""
+        x_t, _, t = ctx.noisy(sub)
+        x0 = ctx.x0(x_t, ctx.eps(x_t, t, ctx.encode(sub["prompts"])), t)
+        weight = ctx.family.snr(ctx.noise_scheduler, t).clamp(max=self.image_snr_cap)
+        return (weight * (x0 - sub[goal].to(x0.device)).pow(2).flatten(1).mean(1)).mean()
