@@ -525,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "harden_keep_attribute, harden_image, harden_image_pairs, mining, every, mine_steps, "
                         "first_steps, tokens, vary_tokens, pool, share, lr, batch_size, prompts, t_low, t_high "
                         "(default: the method's; duge: harden_steps=100, harden_keep=5 for objects, "
-                        "harden_keep_attribute=10 for colours and styles, harden_image=2 (paired-image term), "
-                        "harden_image_pairs=64, mining=false)")
+                        "harden_keep_attribute=10 for colours and styles, harden_image=0 (2 turns on the "
+                        "paired-image term that holds a style), harden_image_pairs=64, mining=false)")
     r.set_defaults(func=_cmd_erase)
 
     lg = _sub(sub, "ledger", "print a model's lineage", "obliviate ledger runs/2 --json")

@@ -4,9 +4,11 @@
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
 `harden_steps` steps at `harden_lr`, λ_keep from `keep_weight` (5 for objects, 10 for
-colours and styles). L_img (ESD's paired-image term, λ `harden_image` 2, `harden_image_pairs`
-64): noisy images of the target denoise to same-seed images of its anchor, kept concepts'
-images to themselves; without it a soft prompt brought striped back at 0.79-0.92. c_keep
+colours and styles). L_img (ESD's paired-image term; off by default, `harden_image=2`
+turns it on, `harden_image_pairs` 64): noisy images of the target denoise to same-seed
+images of its anchor, kept concepts' images to themselves; without it a soft prompt brought
+striped back at 0.79-0.92, with it 0.06, but over three requests it cost blue 0.15 (so not
+the default yet; docs/benchmarks.md). c_keep
 are prompts naming no removed concept but naming a concept of every removed kind (the
 memory bank, the preserve set); ε_0 is the lineage's original model:
 held to the model before the request instead, six hardened requests drifted (solid down to

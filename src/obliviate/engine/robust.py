@@ -68,7 +68,7 @@ class Robust:
     harden_lr: float = 1e-4
     harden_keep: float = 5.0
     harden_keep_attribute: float = 10.0
-    harden_image: float = 2.0
+    harden_image: float = 0.0
     harden_image_pairs: int = 64
     every: int = 10
     mine_steps: int = 20
