@@ -7,8 +7,8 @@ trained on everything in the denoiser but what reads the text (methods.esd, vari
 colours and styles). L_img (ESD's paired-image term; off by default, `harden_image=2`
 turns it on, `harden_image_pairs` 64): noisy images of the target denoise to same-seed
 images of its anchor, kept concepts' images to themselves; without it a soft prompt brought
-striped back at 0.79-0.92, with it 0.06, but over three requests it cost blue 0.15 (so not
-the default yet; docs/benchmarks.md). c_keep
+striped back at 0.79-0.92, with it 0.06, but blue dipped to 0.85 after three requests
+(≥ 0.98 after six), so not the default yet; docs/benchmarks.md. c_keep
 are prompts naming no removed concept but naming a concept of every removed kind (the
 memory bank, the preserve set); ε_0 is the lineage's original model:
 held to the model before the request instead, six hardened requests drifted (solid down to
