@@ -43,7 +43,8 @@ class FlowMatching(Family):
         return noise - x0
 
     def snr(self, sched, t):
-        s = (t.float() + 1) / sched.config.num_train_timesteps
+        """Signal-to-noise ratio of x_t = (1 − σ)·x_0 + σ·ε: ((1 − σ)/σ)²."""
+        s = self.sigma(sched, t, t.float())
         return ((1 - s) / s) ** 2
 
     def x0(self, sched, x_t, pred, t):
