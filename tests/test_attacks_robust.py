@@ -111,6 +111,7 @@ def test_the_paired_image_term_denoises_the_targets_images_to_their_anchor_count
 
     from obliviate.concepts import world_for
     from obliviate.engine.data import LatentCache
+    from obliviate.families import family_of
     from obliviate.finetune import prompt_ids
 
     def x0_distance(pipe, forget, anchor):
@@ -120,8 +121,7 @@ def test_the_paired_image_term_denoises_the_targets_images_to_their_anchor_count
         x_t = pipe.scheduler.add_noise(forget, noise, t)
         with torch.no_grad():
             eps = pipe.unet(x_t, t, pipe.text_encoder(ids)[0]).sample
-        a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return float(((x_t - (1 - a).sqrt() * eps) / a.sqrt() - anchor).pow(2).mean())
+        return float((family_of(pipe).x0(pipe.scheduler, x_t, eps, t) - anchor).pow(2).mean())
 
     monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
     base = load_pipeline("shapes")

@@ -4,17 +4,15 @@
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
 `harden_steps` steps at `harden_lr`, λ_keep from `keep_weight` (5 for objects, 10 for
-colours and styles). L_img (ESD's paired-image term; off by default, `harden_image=2`
-turns it on, `harden_image_pairs` 64): noisy images of the target denoise to same-seed
-images of its anchor, kept concepts' images to themselves; without it a soft prompt brought
-striped back at 0.79-0.92, with it 0.06, but blue dipped to 0.85 after three requests
-(≥ 0.98 after six), so not the default yet; docs/benchmarks.md. c_keep
-are prompts naming no removed concept but naming a concept of every removed kind (the
-memory bank, the preserve set); ε_0 is the lineage's original model:
-held to the model before the request instead, six hardened requests drifted (solid down to
-0.57 of its accuracy). Then φ is taken again (the hardened model is "the model before" for
-the method's own stage) and the method edits as usual. Needs no soft prompt, so it runs on
-every family.
+colours and styles). c_keep are prompts naming no removed concept but naming a concept of
+every removed kind (the memory bank, the preserve set); ε_0 is the lineage's original model
+(held to the model before the request instead, six hardened requests drifted). L_img is
+ESD's paired-image term (`harden_image`, off by default; 2 turns it on): noisy images of
+the target denoise to same-seed images of its anchor, kept concepts' images to themselves.
+It holds a style (striped) where the keep term alone cannot, but a colour dipped over three
+requests, so it is opt-in (docs/benchmarks.md). Then φ is taken again (the hardened model
+is "the model before" for the method's own stage) and the method edits as usual. Needs no
+soft prompt, so it runs on every family.
 
 Why: an edit of the cross-attention keys and values (DUGE) moves where the target's word
 points, but the UNet body still draws the target for some text state, and a learned soft

@@ -98,13 +98,9 @@ class ESD(Method):
         ctx.freeze()
 
     def batch(self, ctx, batch_size, generator):
-        idx = torch.randint(0, len(self._data["prompts"]), (batch_size,), generator=generator).tolist()
-        sub = {"prompts": [self._data["prompts"][i] for i in idx], "latents": self._data["latents"][idx]}
-        out = ctx.draw(sub, generator)
+        out = ctx.draw(_sample(self._data, batch_size, generator), generator)
         if self.lambda_keep:
-            k = torch.randint(0, len(self._keep["prompts"]), (batch_size,), generator=generator).tolist()
-            keep = {"prompts": [self._keep["prompts"][i] for i in k], "latents": self._keep["latents"][k]}
-            out["keep"] = ctx.draw(keep, generator)
+            out["keep"] = ctx.draw(_sample(self._keep, batch_size, generator), generator)
         if self.lambda_image:
             out.update(self._image_batch(ctx, batch_size, generator))
         return out
@@ -153,16 +149,13 @@ class ESD(Method):
         """A sub-batch of target images conditioned on the target's or the anchor's prompt
         (at random), and one of kept concepts' images on their own prompts."""
         t_range = (self.image_t_low, self.image_t_high)
-        k = torch.randint(0, len(self._images["prompts"]), (batch_size,), generator=generator).tolist()
+        image = _sample(self._images, batch_size, generator)
         use_anchor = torch.rand(batch_size, generator=generator).lt(0.5).tolist()
-        prompts = [self._images["anchor_prompts" if a else "prompts"][i] for i, a in zip(k, use_anchor)]
-        image = {"prompts": prompts, "latents": self._images["latents"][k],
-                 "anchor_latents": self._images["anchor_latents"][k]}
+        image["prompts"] = [a if use else p for p, a, use in zip(image["prompts"], image.pop("anchor_prompts"),
+                                                                  use_anchor)]
         out = {"image": ctx.draw(image, generator, t_range)}
         if self._held:
-            h = torch.randint(0, len(self._held["prompts"]), (batch_size,), generator=generator).tolist()
-            held = {"prompts": [self._held["prompts"][i] for i in h], "latents": self._held["latents"][h]}
-            out["held"] = ctx.draw(held, generator, t_range)
+            out["held"] = ctx.draw(_sample(self._held, batch_size, generator), generator, t_range)
         return out
 
     def _x0_error(self, ctx, sub: dict, goal: str) -> torch.Tensor:
@@ -172,3 +165,10 @@ class ESD(Method):
         x0 = ctx.x0(x_t, ctx.eps(x_t, t, ctx.encode(sub["prompts"])), t)
         weight = ctx.family.snr(ctx.noise_scheduler, t).clamp(max=self.image_snr_cap)
         return (weight * (x0 - sub[goal].to(x0.device)).pow(2).flatten(1).mean(1)).mean()
+
+
+def _sample(pool: dict, n: int, generator: torch.Generator) -> dict:
+    """`n` entries of a prompt pool drawn with replacement: the same indices of every list
+    and tensor in it (prompts, latents, their anchors)."""
+    idx = torch.randint(0, len(pool["prompts"]), (n,), generator=generator).tolist()
+    return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in pool.items()}
