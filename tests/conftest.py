@@ -31,13 +31,13 @@ def shapes_judge(shapes_pipe):
 def tiny_pipe():
     """A random StableDiffusionPipeline built from the world's tokenizer (seconds to build)."""
     from obliviate.shapes.tokenizer import build_tokenizer
-    from obliviate.shapes.train import (assemble_pipeline, build_text_encoder, build_unet,
-                                        build_vae)
+    from obliviate.shapes.layouts import layout
+    from obliviate.shapes.train import assemble_pipeline, build_vae
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    text = build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id)
-    return assemble_pipeline(build_vae(), build_unet(text.config.hidden_size), text, tok)
+    encoders = layout("sd").build_encoders(tok)
+    return assemble_pipeline(build_vae(), layout("sd").build_denoiser(encoders, 4), encoders, tok)
 
 
 @pytest.fixture(scope="session")

@@ -47,3 +47,32 @@ def test_train_base_resumes_from_its_checkpoint(tmp_path):
         r for r in records if "resumed_at" in r).items()
     assert (tmp_path / "out" / "model_index.json").exists()
     assert json.loads((tmp_path / "work" / "unet" / "state.json").read_text())["step"] == 3
+
+
+def test_train_base_family_sd3_writes_an_sd3_pipeline_that_conditions_as_diffusers_does(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from obliviate import load_pipeline
+    from obliviate.families import family_of
+    from obliviate.shapes.train import BaseTrainer, TrainConfig
+
+    small = dict(images=64, judge_steps=2, judge_batch_size=8, vae_steps=2, vae_batch_size=4, text_steps=2,
+                 batch_size=4, warmup_steps=1, checkpoint_every=2, probe_every=0, judge_holdout=16)
+    BaseTrainer(tmp_path / "out", tmp_path / "work", TrainConfig(unet_steps=2, family="sd3", **small)).run()
+    # a plain diffusers folder, loaded as SD3 without T5 is
+    plain = StableDiffusion3Pipeline.from_pretrained(tmp_path / "out", text_encoder_3=None, tokenizer_3=None)
+    assert plain.text_encoder_3 is None and plain.transformer.config.patch_size == 2
+    assert "max_sequence_length=0" in (tmp_path / "out" / "README.md").read_text()  # the card says how
+    pipe = load_pipeline(tmp_path / "out")
+    family = family_of(pipe)
+    assert family.name == "sd3"
+    prompts = ["a red star", "a blue circle with stripes"]
+    cond = family.encode(pipe, prompts, lambda n: getattr(pipe, n))
+    # the model is trained and sampled with no T5 tokens (its sampler's max_sequence_length 0)
+    states, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                              max_sequence_length=0)
+    assert cond.states.shape[1] == pipe.tokenizer.model_max_length
+    assert torch.allclose(cond.states, states) and torch.allclose(cond.extra["pooled_projections"], pooled)
+    from obliviate.generate import generate_images
+
+    assert generate_images(pipe, prompts, seed=0).shape == (2, 32, 32, 3)

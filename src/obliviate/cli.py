@@ -147,7 +147,7 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
 
         init = str(resolve_model(args.init_from))
     config = TrainConfig(seed=args.seed, device=args.device, time_budget_minutes=args.time_budget,
-                         init_from=init)
+                         init_from=init, family=args.family)
     if args.unet_steps:
         config.unet_steps = args.unet_steps
     if args.schedule_steps:
@@ -469,13 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
     t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     t.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    t.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's, 5000)")
+    t.add_argument("--family", choices=("sd", "sd3"), default="sd",
+                   help="the denoiser's layout: sd (a UNet, Stable Diffusion 1.x's layout: the shipped `shapes`) or "
+                        "sd3 (an MMDiT transformer, rectified flow, two CLIP encoders: `shapes-sd3`) (default: sd)")
+    t.add_argument("--unet-steps", type=int, help="denoiser training steps (default: the recipe's, 5000)")
     t.add_argument("--schedule-steps", type=int,
                    help="length of the cosine learning-rate schedule in steps (default: --unet-steps); a "
                         "longer schedule on --resume continues a finished run at a higher rate")
-    t.add_argument("--time-budget", type=float, help="stop UNet training after this many minutes (default: none)")
-    t.add_argument("--init-from", help="continue from a shapes model (e.g. `shapes`) instead of from scratch "
-                                       "(default: from scratch)")
+    t.add_argument("--time-budget", type=float, help="stop denoiser training after this many minutes (default: none)")
+    t.add_argument("--init-from", help="continue from a shapes model (e.g. `shapes`) instead of from scratch: its "
+                                       "judge and VAE, and its text encoders and denoiser when it has --family's "
+                                       "layout (default: from scratch)")
     t.set_defaults(func=_cmd_train_base)
 
     r = _sub(sub, "erase", "remove concepts from a model; continues its lineage",

@@ -1,6 +1,8 @@
 """Stable Diffusion 3 / 3.5 (MMDiT): CLIP-L and CLIP-G penultimate states concatenated and
 zero-padded to T5's width, followed along the sequence by T5's states (zeros when the
-pipeline has no T5, as `StableDiffusion3Pipeline` does); pooled = both CLIP pooled outputs.
+pipeline has no T5, as `StableDiffusion3Pipeline` does; as many as the model's sampler
+`max_sequence_length`, the pipeline's 256 unless the model sets it, as `shapes-sd3` does
+with 0); pooled = both CLIP pooled outputs.
 Rectified flow: x_t = (1 − σ)·x_0 + σ·ε, the transformer predicts ε − x_0 at timestep 1000·σ.
 
 Choices (the sources are silent): training draws σ = (t + 1)/1000 for the engine's uniform
@@ -17,6 +19,14 @@ import torch.nn.functional as F
 from .base import Conditioning, Family
 
 T5_TOKENS = 256
+
+
+def t5_tokens(pipe) -> int:
+    """T5 tokens the pipeline conditions on: the model's sampler `max_sequence_length`
+    (obliviate.json), else the pipeline's default."""
+    from ..pipeline import sampler_settings
+
+    return int(sampler_settings(pipe).get("max_sequence_length", T5_TOKENS))
 
 
 class FlowMatching(Family):
@@ -74,14 +84,15 @@ class StableDiffusion3(FlowMatching):
                              for enc, tok in zip(self.text_encoders[:2], self.tokenizers[:2])))
         clip_states = torch.cat(clip, dim=-1)
         width = pipe.transformer.config.joint_attention_dim
+        length = t5_tokens(pipe)
         if getattr(pipe, "text_encoder_3", None) is not None:
             encoder = get("text_encoder_3")
             tok = pipe.tokenizer_3
-            ids = tok(prompts, padding="max_length", max_length=T5_TOKENS, truncation=True,
+            ids = tok(prompts, padding="max_length", max_length=length, truncation=True,
                       add_special_tokens=True, return_tensors="pt").input_ids
             t5 = encoder(ids.to(encoder.device))[0]
         else:
-            t5 = clip_states.new_zeros(len(prompts), T5_TOKENS, width)
+            t5 = clip_states.new_zeros(len(prompts), length, width)
         states = torch.cat([F.pad(clip_states, (0, t5.shape[-1] - clip_states.shape[-1])), t5], dim=-2)
         return Conditioning(states, {"pooled_projections": torch.cat(pooled, dim=-1)})
 

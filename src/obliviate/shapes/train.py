@@ -1,4 +1,5 @@
-"""Train the shipped `shapes` model from scratch: judge, VAE, text encoder, UNet.
+"""Train the shipped `shapes` model from scratch: judge, VAE, text encoder, UNet (or, with
+`--family sd3`, two text encoders and an MMDiT transformer: shapes.layouts).
 
 Stages run in order and each one is checkpointed under a work folder, so an interrupted run
 resumes where it stopped (`obliviate train-base --resume`). The recipe is chosen for a
@@ -8,14 +9,16 @@ resumes where it stopped (`obliviate train-base --resume`). The recipe is chosen
   period of 4 pixels, 2 latent pixels) into stripes, and 40% of dotted renders came back
   judged striped, which capped the model's dotted accuracy near 0.7;
 - the UNet has no attention at its 16x16 level (cross-attention at 8x8, 4x4 and the mid
-  block), which halves a training step on CPU;
+  block), which halves a training step on CPU (shapes.layouts);
 - images are encoded to latents once (posterior mean and std kept; a fresh sample each step);
 - the text encoder is first pretrained alone with classification heads on its pooled output
   (which concept of each kind does the caption name?), so synonyms land together before the
   UNet needs them; the heads stay on as an auxiliary loss during joint training;
-- the UNet and text encoder train jointly with caption dropout (for classifier-free
-  guidance), Min-SNR-5 loss weighting, learning-rate warm-up and cosine decay, and EMA
-  weights, which are what ships.
+- the denoiser and text encoders train jointly with caption dropout (for classifier-free
+  guidance), the layout's loss weighting (Min-SNR-5 for the UNet's ε), learning-rate
+  warm-up and cosine decay, and EMA weights, which are what ships.
+`--init-from shapes --family sd3` reuses the shipped judge and VAE, so that the two
+layouts are judged by the same classifier on the same latents.
 """
 
 from __future__ import annotations
@@ -29,18 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..checkpoint import atomic_folder, load_training_state, save_training_state
 from ..ledger import weights_sha256
@@ -48,11 +44,10 @@ from ..model_card import write_card
 from ..evaluate.judge import Judge, augment, to_tensor
 from ..finetune import prompt_ids
 from ..generate import generate_images
+from ..families import FAMILIES
 from . import vocab, world
-from .tokenizer import MAX_LENGTH, build_tokenizer
-
-SAMPLER_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 5.0}
-
+from .layouts import layout
+from .tokenizer import build_tokenizer
 
 @dataclass
 class TrainConfig:
@@ -60,6 +55,7 @@ class TrainConfig:
 
     seed: int = 0
     device: str = "cpu"
+    family: str = "sd"  # the denoiser layout (shapes.layouts): sd (UNet, shipped) or sd3 (MMDiT)
     images: int = 432 * 24
     judge_steps: int = 1200
     judge_batch_size: int = 128
@@ -98,57 +94,6 @@ def build_vae(latent_channels: int = 4) -> AutoencoderKL:
         norm_num_groups=16,
         mid_block_add_attention=False,
         sample_size=world.IMAGE_SIZE,
-    )
-
-
-def build_unet(cross_attention_dim: int, latent_channels: int = 4) -> UNet2DConditionModel:
-    """A 16x16 UNet with cross-attention at 8x8 and 4x4 (and the 4x4 mid block); 4.1 M parameters.
-
-    The 16x16 level has no attention: on 2 CPU cores its 256-token self-attention cost more
-    than half of every training step (1.62 s against 0.74 s at batch 64), and at this size
-    the convolutions already see the whole object.
-    """
-    return UNet2DConditionModel(
-        sample_size=world.IMAGE_SIZE // 2,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
-
-
-def build_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
-    """A 3-layer, 64-wide CLIP text transformer over the world's tokenizer."""
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        projection_dim=64,
-    )
-    return CLIPTextModel(config)
-
-
-def build_scheduler() -> DDPMScheduler:
-    """Stable Diffusion's training noise schedule (scaled-linear betas, epsilon target)."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
     )
 
 
@@ -215,6 +160,7 @@ class BaseTrainer:
         self.device = torch.device(config.device)
         self.work.mkdir(parents=True, exist_ok=True)
         self.tokenizer = build_tokenizer()
+        self.layout = layout(config.family)
         self.start = time.time()
         self.log_path = self.work / "log.jsonl"
 
@@ -325,60 +271,85 @@ class BaseTrainer:
         return mean, std
 
     # -- stage 4: text encoder pretraining --------------------------------------------------
-    def pretrain_text(self) -> tuple[CLIPTextModel, ConceptHeads]:
-        tok = self.tokenizer
-        text = build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id)
-        heads = ConceptHeads(text.config.hidden_size)
+    def pretrain_text(self) -> tuple[list[nn.Module], ConceptHeads]:
+        """The text encoders (one for `sd`, two for `sd3`) and the concept heads on their
+        pooled output, trained alone so that synonyms land together before the denoiser needs
+        them."""
+        tok, lay = self.tokenizer, self.layout
+        encoders = lay.build_encoders(tok)
+        heads = ConceptHeads(lay.pooled_width(encoders))
         folder = self.work / "text"
         if (folder / "state.json").exists():
-            load_training_state(folder, {"text": text, "heads": heads})
-            return text, heads
+            load_training_state(folder, self._text_modules(encoders, heads))
+            return encoders, heads
         torch.manual_seed(self.cfg.seed)
         rng = np.random.default_rng(self.cfg.seed)
-        params = list(text.parameters()) + list(heads.parameters())
-        if self.cfg.init_from:  # keep the trained encoder; fit only the auxiliary heads
-            text = CLIPTextModel.from_pretrained(Path(self.cfg.init_from) / "text_encoder")
+        params = [p for m in (*encoders, heads) for p in m.parameters()]
+        if self.init_same_family:  # keep the trained encoders; fit only the auxiliary heads
+            encoders = lay.load_encoders(Path(self.cfg.init_from))
             params = list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=2e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, self.cfg.text_steps))
         for step in (bar := tqdm(range(self.cfg.text_steps), desc="text")):
             scenes = [world.random_scene(rng) for _ in range(256)]
             texts, labels = sample_captions(scenes, rng, dropout=0.0)
-            ids = prompt_ids(tok, texts)
-            loss = heads.loss(text(ids).pooler_output, labels)
+            _, pooled = lay.condition(encoders, prompt_ids(tok, texts))
+            loss = heads.loss(pooled, labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         self.log(stage="text", aux_loss=loss.item())
-        save_training_state(folder, {"text": text, "heads": heads})
-        return text, heads
+        save_training_state(folder, self._text_modules(encoders, heads))
+        return encoders, heads
 
-    # -- stage 5: UNet + text encoder -------------------------------------------------------
-    def train_unet(self, vae, text, heads, judge, latents) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-        cfg, dev, tok = self.cfg, self.device, self.tokenizer
+    def _text_modules(self, encoders, heads) -> dict[str, nn.Module]:
+        """Checkpoint names of the text encoders ("text", "text_2") and the heads."""
+        return {**dict(zip(self.layout.encoders, encoders)), "heads": heads}
+
+    @property
+    def init_same_family(self) -> bool:
+        """Whether --init-from names a model of this layout (then its text encoders and
+        denoiser are continued; its judge and VAE are reused whatever its layout)."""
+        if not self.cfg.init_from:
+            return False
+        from ..families import family_for_class
+
+        index = json.loads((Path(self.cfg.init_from) / "model_index.json").read_text())
+        family = family_for_class(index.get("_class_name", ""))
+        return family is not None and family.name == self.layout.family
+
+    # -- stage 5: denoiser + text encoders --------------------------------------------------
+    def train_unet(self, vae, encoders, heads, judge, latents) -> tuple[nn.Module, list[nn.Module]]:
+        """The denoiser (UNet or MMDiT) and the text encoders, jointly: caption dropout,
+        the layout's loss weighting, warm-up and cosine decay, EMA weights (what ships).
+        The loss is taken through the model family, as the erasure methods take it:
+            L = w_t·‖f_θ(x_t, c, t) − target‖² + aux·CE(heads(pooled(c)), labels)."""
+        cfg, dev, tok, lay = self.cfg, self.device, self.tokenizer, self.layout
+        family = FAMILIES[lay.family]
         mean, std = latents
         scenes, _ = world.dataset_scenes(cfg.images, seed=cfg.seed)
         scaling = vae.config.scaling_factor
-        unet = (UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet") if cfg.init_from
-                else build_unet(text.config.hidden_size, vae.config.latent_channels)).to(dev)
-        text, heads = text.to(dev), heads.to(dev)
-        params = list(unet.parameters()) + list(text.parameters()) + list(heads.parameters())
+        unet = (lay.load_denoiser(Path(cfg.init_from)) if self.init_same_family
+                else lay.build_denoiser(encoders, vae.config.latent_channels)).to(dev)
+        encoders, heads = [e.to(dev) for e in encoders], heads.to(dev)
+        params = [p for m in (unet, *encoders, heads) for p in m.parameters()]
         opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
         schedule = cfg.schedule_steps or cfg.unet_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, schedule))
-        ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-        ema_text = EMAModel(text.parameters(), decay=cfg.ema_decay)
-        noise_sched = build_scheduler()
-        alphas = noise_sched.alphas_cumprod.to(dev)
+        emas = {"ema_unet": (unet, EMAModel(unet.parameters(), decay=cfg.ema_decay))}
+        emas.update({f"ema_{name}": (e, EMAModel(e.parameters(), decay=cfg.ema_decay))
+                     for name, e in zip(lay.encoders, encoders)})
+        modules = {"unet": unet, **self._text_modules(encoders, heads)}
+        noise_sched = lay.training_scheduler()
         step, folder = 0, self.work / "unet"
         rng = np.random.default_rng(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         if (folder / "state.json").exists():
-            info, extra = load_training_state(folder, {"unet": unet, "text": text, "heads": heads}, opt)
+            info, extra = load_training_state(folder, modules, opt)
             step = info["step"]
-            for ema, prefix in ((ema_unet, "ema_unet"), (ema_text, "ema_text")):
+            for prefix, (_, ema) in emas.items():
                 ema.shadow_params = [extra[f"{prefix}.{i}"] for i in range(len(ema.shadow_params))]
                 ema.optimization_step = step
             rng = np.random.default_rng([cfg.seed, step])
@@ -389,27 +360,24 @@ class BaseTrainer:
             self.log(stage="unet", resumed_at=step)
 
         def checkpoint():
-            extra = {f"ema_unet.{i}": p for i, p in enumerate(ema_unet.shadow_params)}
-            extra.update({f"ema_text.{i}": p for i, p in enumerate(ema_text.shadow_params)})
-            save_training_state(folder, {"unet": unet, "text": text, "heads": heads}, opt,
-                                extra, {"step": step, "config": asdict(cfg)})
+            extra = {f"{prefix}.{i}": p for prefix, (_, ema) in emas.items()
+                     for i, p in enumerate(ema.shadow_params)}
+            save_training_state(folder, modules, opt, extra, {"step": step, "config": asdict(cfg)})
 
-        bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet")
+        bar = tqdm(total=cfg.unet_steps, initial=step, desc=lay.family)
         losses: list[float] = []
         while step < cfg.unet_steps:
             idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
             z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
             texts, labels = sample_captions([scenes[i] for i in idx.tolist()], rng, cfg.caption_dropout)
-            ids = prompt_ids(tok, texts).to(dev)
-            enc = text(ids)
+            cond, pooled = lay.condition(encoders, prompt_ids(tok, texts).to(dev))
             z = z.to(dev)
             noise = torch.randn(z.shape, generator=gen).to(dev)
             t = torch.randint(0, 1000, (len(z),), generator=gen).to(dev)
-            pred = unet(noise_sched.add_noise(z, noise, t), t, enc.last_hidden_state).sample
-            snr = alphas[t] / (1 - alphas[t])
-            weight = torch.clamp(snr, max=5.0) / snr
-            diffusion = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-            loss = diffusion + cfg.aux_weight * heads.loss(enc.pooler_output, labels.to(dev))
+            pred = family.predict(unet, family.add_noise(noise_sched, z, noise, t), t, cond)
+            error = (pred - family.target(noise_sched, z, noise, t)).pow(2).mean(dim=(1, 2, 3))
+            diffusion = (lay.loss_weight(noise_sched, t) * error).mean()
+            loss = diffusion + cfg.aux_weight * heads.loss(pooled, labels.to(dev))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}; lower --unet-lr")
             opt.zero_grad()
@@ -417,8 +385,8 @@ class BaseTrainer:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            ema_unet.step(unet.parameters())
-            ema_text.step(text.parameters())
+            for module, ema in emas.values():
+                ema.step(module.parameters())
             step += 1
             losses.append(diffusion.item())
             bar.update(1)
@@ -431,24 +399,25 @@ class BaseTrainer:
                 checkpoint()
             if cfg.probe_every and (step % cfg.probe_every == 0 or step == cfg.unet_steps):
                 self.log(stage="unet", step=step, loss=float(np.mean(losses[-200:])),
-                         lr=sched.get_last_lr()[0],
-                         probe=self.probe(vae, unet, text, ema_unet, ema_text, judge))
+                         lr=sched.get_last_lr()[0], probe=self.probe(vae, emas, judge))
             if out_of_time:
                 self.log(stage="unet", stopped_for_time_at=step)
                 break
         bar.close()
-        ema_unet.copy_to(unet.parameters())
-        ema_text.copy_to(text.parameters())
-        return unet.eval(), text.eval()
+        for module, ema in emas.values():
+            ema.copy_to(module.parameters())
+        return unet.eval(), [e.eval() for e in encoders]
 
-    def probe(self, vae, unet, text, ema_unet, ema_text, judge, n_per_object: int = 8) -> dict:
+    def probe(self, vae, emas, judge, n_per_object: int = 8) -> dict:
         """Quick generation accuracy of the EMA weights on a few prompts (training monitor)."""
         import copy
 
-        u, t = copy.deepcopy(unet), copy.deepcopy(text)
-        ema_unet.copy_to(u.parameters())
-        ema_text.copy_to(t.parameters())
-        pipe = assemble_pipeline(vae, u.eval(), t.eval(), self.tokenizer)
+        ema_copies = []
+        for module, ema in emas.values():
+            m = copy.deepcopy(module)
+            ema.copy_to(m.parameters())
+            ema_copies.append(m.eval())
+        pipe = assemble_pipeline(vae, ema_copies[0], ema_copies[1:], self.tokenizer, self.layout)
         rng = np.random.default_rng(0)
         scenes = [world.random_scene(rng) for _ in range(n_per_object * 6)]
         prompts = [vocab.EVAL_TEMPLATE.format(o=s.object, c=s.colour, s=s.style) for s in scenes]
@@ -474,41 +443,41 @@ class BaseTrainer:
         vae = self.train_vae(judge)
         lap("vae")
         latents = self.encode_latents(vae)
-        text, heads = self.pretrain_text()
+        encoders, heads = self.pretrain_text()
         lap("latents_and_text")
-        unet, text = self.train_unet(vae, text, heads, judge, latents)
+        unet, encoders = self.train_unet(vae, encoders, heads, judge, latents)
         lap("unet")
         minutes["total"] = round(sum(minutes.values()), 1)
-        pipe = assemble_pipeline(vae.cpu(), unet.cpu(), text.cpu(), self.tokenizer)
+        pipe = assemble_pipeline(vae.cpu(), unet.cpu(), [e.cpu() for e in encoders], self.tokenizer, self.layout)
         # minutes of this sitting only: a stage finished in an earlier sitting counts ~0 here
         meta = {"train_config": asdict(self.cfg), "minutes_this_sitting": minutes,
                 "torch_threads": torch.get_num_threads()}
-        save_shapes_model(pipe, judge, self.out, meta)
+        save_shapes_model(pipe, judge, self.out, meta, self.layout.loading)
         self.log(stage="done", out=str(self.out))
         return self.out
 
 
-def assemble_pipeline(vae, unet, text, tokenizer) -> StableDiffusionPipeline:
-    """A standard StableDiffusionPipeline around the parts, with a DPM-Solver++ sampler."""
-    scheduler = DPMSolverMultistepScheduler.from_config(build_scheduler().config)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+def assemble_pipeline(vae, denoiser, encoders, tokenizer, lay=None):
+    """The layout's standard diffusers pipeline around the parts (default: the shipped
+    model's, Stable Diffusion), marked as a shapes-world model with its sampler settings."""
+    lay = lay or layout("sd")
+    pipe = lay.assemble(vae, denoiser, list(encoders), tokenizer)
     pipe.set_progress_bar_config(disable=True)
-    pipe.obliviate_info = {"world": "shapes", "sampler": SAMPLER_DEFAULTS}
+    pipe.obliviate_info = {"world": "shapes", "sampler": dict(lay.sampler)}
     return pipe
 
 
-def save_shapes_model(pipe, judge: Judge, out: Path, meta: dict) -> None:
-    """Write the pipeline (safetensors), the judge and `obliviate.json` to `out` atomically."""
+def save_shapes_model(pipe, judge: Judge, out: Path, meta: dict, loading: str | None = None) -> None:
+    """Write the pipeline (safetensors), the judge and `obliviate.json` to `out` atomically;
+    `loading` tells the model card how plain diffusers loads and calls it."""
     with atomic_folder(out, overwrite=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         judge.save(tmp / "judge")
-        info = {"world": "shapes", "sampler": SAMPLER_DEFAULTS, **meta}
+        info = {**pipe.obliviate_info, **meta}
         (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
         write_card(tmp, None, weights_sha256=weights_sha256(pipe),
-                   extra={"Training": "the shapes world's Stable Diffusion and its judge, `obliviate train-base`"})
+                   extra={"Training": "the shapes world's diffusion model and its judge, `obliviate train-base`",
+                          **({"Loading": loading} if loading else {})})
 
 
 def judge_accuracy(judge: Judge, n: int, seed: int) -> dict[str, float]:
