@@ -21,6 +21,8 @@ from obliviate.shapes import vocab
 from sd_tiny import save_tiny_sd
 
 # mining on (DUGE's --robust default is the hardening stage without it)
+# the hardening's paired-image term draws small pools in these tests
+SMALL_IMAGES = {"harden_image_pairs": 4, "harden_image_memory": 4}
 TINY_ROBUST = {"every": 2, "mine_steps": 2, "first_steps": 3, "batch_size": 2, "prompts": 4, "mining": True,
                "harden_steps": 0}
 
@@ -51,7 +53,7 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     DUGE edits the cross-attention keys and values; the ledger records the stage."""
     pipe = load_pipeline(shapes_base)
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
-    result = erase(pipe, Request(("star",)), out=tmp_path / "h", robust={"harden_steps": 3}, steps=3, batch_size=2,
+    result = erase(pipe, Request(("star",)), out=tmp_path / "h", robust={"harden_steps": 3, **SMALL_IMAGES}, steps=3, batch_size=2,
                    progress=False)
     changed = {k for k, v in pipeline_state(pipe).items() if not (v == before[k]).all()}
     body = {k for k in changed if ".attn2." not in k}
@@ -62,7 +64,7 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     assert result.stats["harden_seconds"] >= 0 and not (tmp_path / "h" / PROMPTS_FILE).exists()
     # a colour or a style is held harder to what stays than an object
     assert result.stats["harden_keep"] == 5.0
-    styled = erase(load_pipeline(shapes_base), Request(("striped",)), robust={"harden_steps": 1}, steps=1,
+    styled = erase(load_pipeline(shapes_base), Request(("striped",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
                    batch_size=2, progress=False)
     assert styled.stats["harden_keep"] == 10.0
     # without the stage, the body is untouched
@@ -96,7 +98,7 @@ def test_the_hardening_holds_later_requests_to_the_lineage_original(shapes_base,
         return real(ctx, robust)
 
     monkeypatch.setattr(erase_module, "harden", spy)
-    erase(load_pipeline(tmp_path / "1"), Request(("square",)), out=tmp_path / "2", robust={"harden_steps": 2},
+    erase(load_pipeline(tmp_path / "1"), Request(("square",)), out=tmp_path / "2", robust={"harden_steps": 2, **SMALL_IMAGES},
           steps=2, batch_size=2, progress=False)
     assert torch.allclose(seen["reference"], seen["original"], atol=1e-5)
     assert not torch.allclose(seen["before"], seen["original"], atol=1e-3)

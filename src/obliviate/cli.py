@@ -526,11 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "target back and erase them too; uce solves RECE rounds (default: off)")
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
                    help="a --robust setting, repeatable: harden_steps, harden_lr, harden_keep, "
-                        "harden_keep_attribute, harden_image, harden_image_pairs, mining, every, mine_steps, "
+                        "harden_keep_attribute, harden_image, harden_image_pairs, harden_image_memory, mining, every, "
+                        "mine_steps, "
                         "first_steps, tokens, vary_tokens, pool, share, lr, batch_size, prompts, t_low, t_high "
                         "(default: the method's; duge: harden_steps=100, harden_keep=5 for objects, "
-                        "harden_keep_attribute=10 for colours and styles, harden_image=0 (2 turns on the "
-                        "paired-image term that holds a style), harden_image_pairs=64, mining=false)")
+                        "harden_keep_attribute=10 for colours and styles, harden_image=2 (the paired-image term; 0 turns "
+                        "it off), harden_image_pairs=64, harden_image_memory=64, mining=false)")
     r.set_defaults(func=_cmd_erase)
 
     lg = _sub(sub, "ledger", "print a model's lineage", "obliviate ledger runs/2 --json")

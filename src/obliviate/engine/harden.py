@@ -7,23 +7,24 @@ trained on everything in the denoiser but what reads the text (methods.esd, vari
 colours and styles). c_keep are prompts naming no removed concept but naming a concept of
 every removed kind (the memory bank, the preserve set); ε_0 is the lineage's original model
 (held to the model before the request instead, six hardened requests drifted). L_img is
-ESD's paired-image term (`harden_image`, off by default; 2 turns it on): noisy images of
-the target denoise to same-seed images of its anchor, kept concepts' images to themselves.
-It holds a style (striped) where the keep term alone cannot, but a colour dipped over three
-requests, so it is opt-in (docs/benchmarks.md). Then φ is taken again (the hardened model
-is "the model before" for the method's own stage) and the method edits as usual. Needs no
-soft prompt, so it runs on every family.
+ESD's paired-image term (`harden_image`, λ 2 for DUGE; 0 turns it off): noisy images of the
+target denoise to same-seed images of its anchor, kept concepts' images and
+`harden_image_memory` memory prompts' images to themselves. It holds a style (striped)
+where the keep term alone cannot; without the memory prompts' images a colour no request
+named dipped over three requests (docs/benchmarks.md). Then φ is taken again (the hardened
+model is "the model before" for the method's own stage) and the method edits as usual.
+Needs no soft prompt, so it runs on every family.
 
 Why: an edit of the cross-attention keys and values (DUGE) moves where the target's word
 points, but the UNet body still draws the target for some text state, and a learned soft
 prompt finds one (star back at 0.85-0.96 after DUGE). ESD-u changes what the body draws for
 the target's conditioning but on its own removes less (UA 0.85). Together, on the shapes
 model, star before the paired-image term: UA 1.00, the quick soft-prompt ladder at 0.04, the
-full one at 0.31; with it 0.02, its two strongest full-ladder rungs 0.00 and 0.04. Striped
-with it: quick ladder 0.06, every other concept within 0.04 (one seed; docs/benchmarks.md).
+full one at 0.31; with it (and the memory images) the quick ladder at 0.04. Striped: 0.79
+before, 0.08 with it (docs/benchmarks.md).
 Not solved: UCE (its closed-form edit after this stage: 0.92). A white-box perturbation of
 the conditioning still finds stars (the upper bound): the capability is out of a prompt's
-reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13-15.
+reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13-16.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def harden(ctx, robust) -> dict:
     keep = keep_weight(ctx.request, robust)
     esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
                      lambda_keep=keep, keep_reference="original",
-                     lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs)
+                     lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
+                     image_memory=robust.harden_image_memory)
     after = ctx.train_group
     ctx.restart(esd.param_group)
     esd.prepare(ctx)

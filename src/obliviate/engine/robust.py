@@ -70,6 +70,7 @@ class Robust:
     harden_keep_attribute: float = 10.0
     harden_image: float = 0.0
     harden_image_pairs: int = 64
+    harden_image_memory: int = 0
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
@@ -113,11 +114,11 @@ class Robust:
                 or not robust.lr > 0 or not 0 <= robust.t_low < robust.t_high <= 1000
                 or robust.harden_steps < 0 or not robust.harden_lr > 0
                 or robust.harden_keep < 0 or robust.harden_keep_attribute < 0 or robust.harden_image < 0
-                or robust.harden_image_pairs < 1):
+                or robust.harden_image_pairs < 1 or robust.harden_image_memory < 0):
             raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps, first_steps and "
                                  "harden_steps >= 0, 0 < share <= 1, pool, prompts and batch_size >= 1, lr and "
                                  "harden_lr > 0, harden_keep, harden_keep_attribute and harden_image >= 0, "
-                                 "harden_image_pairs >= 1, "
+                                 "harden_image_pairs >= 1, harden_image_memory >= 0, "
                                  "0 <= t_low < t_high <= 1000")
         return robust
 

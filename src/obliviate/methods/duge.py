@@ -66,9 +66,11 @@ class DUGE(Method):
     name: ClassVar[str] = "duge"
     forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"))
     robust_defaults: ClassVar = {"prior_target": "attention"}
-    # --robust: harden the UNet body with ESD-u first, then DUGE as usual (engine.harden);
-    # mined soft prompts added nothing on top of the hardened model (docs/experiments.md)
-    robust_settings: ClassVar = {"harden_steps": 100, "mining": False}
+    # --robust: harden the UNet body with ESD-u first (with the paired-image term, kept
+    # concepts' and memory prompts' images held), then DUGE as usual (engine.harden); mined
+    # soft prompts added nothing on top of the hardened model (docs/experiments.md)
+    robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
+                                 "harden_image_memory": 64}
     option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
                                                   "prior_target": ("teacher", "data", "attention")}
     param_group: str = "attn2-kv"

@@ -25,6 +25,9 @@ concepts of the target's kind are held to their own images the same way
                                 + ‖x̂_0,θ(x_t(x_keep), c_keep, t) − x_keep‖²)
 for t ∈ [200, 1000) (Min-SNR weighting, Hang et al. 2023). Not in the source; a textual
 inversion of the target then finds no conditioning that denoises its images well.
+`image_memory=M` adds M memory prompts (naming no removed concept, a concept of every
+removed kind) to the held images: held only to same-kind concepts, a colour no request
+named drifted over three requests (blue 0.85 of the shipped model's).
 `lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
 the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
@@ -64,6 +67,7 @@ class ESD(Method):
     image_t_low: int = 200
     image_t_high: int = 1000
     image_snr_cap: float = 5.0
+    image_memory: int = 0
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -126,13 +130,14 @@ class ESD(Method):
             terms["held"] = self.lambda_image * self._x0_error(ctx, batch["held"], "latents")
         return terms
 
-    # -- the paired-image term (--robust's hardening of a colour or a style) -----------------
+    # -- the paired-image term (--robust's hardening) -------------------------------------------
     def _prepare_images(self, ctx, rng, removed) -> None:
         """The lineage original's drawings of target prompts and of the same prompts with the
         target's word replaced by its anchor (same seed, so the same layout), and of the same
-        prompts naming each kept concept of the target's kind (request.preserve). From the
-        original, not φ: held to φ's drawings, six requests let each one's drift into the next
-        (never-removed mean 0.94 of the shipped model's after three)."""
+        prompts naming each kept concept of the target's kind (request.preserve), and of
+        `image_memory` memory prompts (held too). From the original, not φ: held to φ's
+        drawings, six requests let each one's drift into the next (never-removed mean 0.94 of
+        the shipped model's after three)."""
         pairs = [pair for t, a in zip(ctx.request.targets, ctx.request.anchors)
                  for pair in ctx.world.prompt_pairs(t, a, self.image_pairs, rng, avoid=removed)]
         forget, anchor = [p for p, _ in pairs], [a for _, a in pairs]
@@ -140,6 +145,9 @@ class ESD(Method):
         kept = [c for c in ctx.request.preserve if ctx.world.target(c).kind in kinds]
         held = [p for t in ctx.request.targets for c in kept
                 for _, p in ctx.world.prompt_pairs(t, c, max(1, self.image_pairs // 2), rng, avoid=removed)]
+        if self.image_memory:
+            named = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}
+            held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=named)
         drawn = ctx.base_latents
         self._images = {"prompts": forget, "anchor_prompts": anchor, "latents": drawn(forget),
                         "anchor_latents": drawn(anchor)}
