@@ -60,12 +60,15 @@ class UNetLayout:
     loading = "`StableDiffusionPipeline.from_pretrained(folder)`"
 
     def build_encoders(self, tok) -> list[torch.nn.Module]:
+        """Fresh text encoders, in the order of `components`."""
         return [CLIPTextModel(clip_config(tok))]
 
     def load_encoders(self, folder) -> list[torch.nn.Module]:
+        """The text encoders of a model folder of this layout (--init-from)."""
         return [CLIPTextModel.from_pretrained(folder / "text_encoder")]
 
     def pooled_width(self, encoders) -> int:
+        """Width of the pooled text the concept heads classify."""
         return encoders[0].config.hidden_size
 
     def build_denoiser(self, encoders, latent_channels: int) -> UNet2DConditionModel:
@@ -87,6 +90,7 @@ class UNetLayout:
         )
 
     def load_denoiser(self, folder) -> UNet2DConditionModel:
+        """The denoiser of a model folder of this layout (--init-from)."""
         return UNet2DConditionModel.from_pretrained(folder / "unet")
 
     def training_scheduler(self) -> DDPMScheduler:
@@ -123,12 +127,15 @@ class MMDiTLayout(UNetLayout):
                "called with `max_sequence_length=0` (it was trained without T5 tokens)")
 
     def build_encoders(self, tok) -> list[torch.nn.Module]:
+        """Two fresh CLIP encoders with projection (SD3's CLIP-L and CLIP-G places)."""
         return [CLIPTextModelWithProjection(clip_config(tok)) for _ in self.encoders]
 
     def load_encoders(self, folder) -> list[torch.nn.Module]:
+        """Both text encoders of a `shapes-sd3` folder (--init-from)."""
         return [CLIPTextModelWithProjection.from_pretrained(folder / c) for c in self.components]
 
     def pooled_width(self, encoders) -> int:
+        """Both projected pooled outputs, concatenated (SD3's pooled_projections)."""
         return sum(e.config.projection_dim for e in encoders)
 
     def build_denoiser(self, encoders, latent_channels: int) -> SD3Transformer2DModel:
@@ -142,6 +149,7 @@ class MMDiTLayout(UNetLayout):
             pos_embed_max_size=world.IMAGE_SIZE // 4)
 
     def load_denoiser(self, folder) -> SD3Transformer2DModel:
+        """The transformer of a `shapes-sd3` folder (--init-from)."""
         return SD3Transformer2DModel.from_pretrained(folder / "transformer")
 
     def training_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
@@ -156,6 +164,7 @@ class MMDiTLayout(UNetLayout):
         return Conditioning(states, {"pooled_projections": pooled}), pooled
 
     def loss_weight(self, sched, t) -> torch.Tensor:
+        """1: the rectified-flow loss unweighted (σ is drawn uniformly)."""
         return torch.ones(len(t), device=t.device)
 
     def assemble(self, vae, denoiser, encoders, tokenizer) -> StableDiffusion3Pipeline:
