@@ -20,8 +20,8 @@ points, but the UNet body still draws the target for some text state, and a lear
 prompt finds one (star back at 0.85-0.96 after DUGE). ESD-u changes what the body draws for
 the target's conditioning but on its own removes less (UA 0.85). Together, on the shapes
 model, star before the paired-image term: UA 1.00, the quick soft-prompt ladder at 0.04, the
-full one at 0.31; with it (and the memory images) the quick ladder at 0.04. Striped: 0.79
-before, 0.08 with it (docs/benchmarks.md).
+full one at 0.31; with it (and the memory images) 0.04 and 0.08. Striped's quick ladder:
+0.79 before, 0.08 with it (one seed each; docs/benchmarks.md).
 Not solved: UCE (its closed-form edit after this stage: 0.92). A white-box perturbation of
 the conditioning still finds stars (the upper bound): the capability is out of a prompt's
 reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13-16.
