@@ -527,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
                    help="a --robust setting, repeatable: harden_steps, harden_lr, harden_keep, "
                         "harden_keep_attribute, harden_image, harden_image_pairs, harden_image_memory, mining, every, "
-                        "mine_steps, "
-                        "first_steps, tokens, vary_tokens, pool, share, lr, batch_size, prompts, t_low, t_high "
+                        "mine_steps, first_steps, tokens, vary_tokens, pool, share, lr, batch_size, prompts, t_low, "
+                        "t_high "
                         "(default: the method's; duge: harden_steps=100, harden_keep=5 for objects, "
                         "harden_keep_attribute=10 for colours and styles, harden_image=2 (the paired-image term; 0 turns "
                         "it off), harden_image_pairs=64, harden_image_memory=64, mining=false)")

@@ -27,6 +27,13 @@ class Conditioning:
 Getter = Callable[[str], nn.Module]
 
 
+def clip_outputs(encoder: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate hidden states, pooled or projected output) of a CLIP text encoder on
+    token ids, as the SDXL and SD3 pipelines read them."""
+    out = encoder(ids, output_hidden_states=True)
+    return out.hidden_states[-2], out[0]
+
+
 class Family:
     """A model family (see the package docstring). Subclasses set the names and override
     `encode` / `predict` where the family differs from Stable Diffusion 1.x."""
@@ -67,8 +74,7 @@ class Family:
         """(penultimate hidden states, pooled/projected output) of one CLIP encoder, the two
         things SDXL and SD3 condition on."""
         module = get(encoder)
-        out = module(self.token_ids(pipe, prompts, tokenizer).to(module.device), output_hidden_states=True)
-        return out.hidden_states[-2], out[0]
+        return clip_outputs(module, self.token_ids(pipe, prompts, tokenizer).to(module.device))
 
     # -- noise and what the denoiser predicts (DDPM: ε- or v-prediction) ----------------------
     def training_scheduler(self, pipe):

@@ -90,14 +90,14 @@ class ESD(Method):
                    for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
         self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
         removed = ctx.removed
+        kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}  # of every removed concept
         if self.lambda_keep:
-            kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}
             keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds)
             keep += [p for c in ctx.request.preserve for p in ctx.world.prompts_naming(c, 4, rng, removed)]
             latents = ctx.base_latents if self.keep_reference == "original" else ctx.model_latents
             self._keep = {"prompts": keep, "latents": latents(keep)}
         if self.lambda_image:
-            self._prepare_images(ctx, rng, removed)
+            self._prepare_images(ctx, rng, removed, kinds)
         self._null = ctx.encode([""], frozen=True)
         ctx.freeze()
 
@@ -131,7 +131,7 @@ class ESD(Method):
         return terms
 
     # -- the paired-image term (--robust's hardening) -------------------------------------------
-    def _prepare_images(self, ctx, rng, removed) -> None:
+    def _prepare_images(self, ctx, rng, removed, removed_kinds) -> None:
         """The lineage original's drawings of target prompts and of the same prompts with the
         target's word replaced by its anchor (same seed, so the same layout), and of the same
         prompts naming each kept concept of the target's kind (request.preserve), and of
@@ -146,8 +146,7 @@ class ESD(Method):
         held = [p for t in ctx.request.targets for c in kept
                 for _, p in ctx.world.prompt_pairs(t, c, max(1, self.image_pairs // 2), rng, avoid=removed)]
         if self.image_memory:
-            named = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}
-            held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=named)
+            held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=removed_kinds)
         drawn = ctx.base_latents
         self._images = {"prompts": forget, "anchor_prompts": anchor, "latents": drawn(forget),
                         "anchor_latents": drawn(anchor)}

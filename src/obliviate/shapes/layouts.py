@@ -30,6 +30,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..families import FAMILIES, Conditioning
+from ..families.base import clip_outputs
 from . import world
 from .tokenizer import MAX_LENGTH
 
@@ -158,9 +159,8 @@ class MMDiTLayout(UNetLayout):
 
     def condition(self, encoders, ids) -> tuple[Conditioning, torch.Tensor]:
         """As StableDiffusion3Pipeline encodes (obliviate.families.sd3), with no T5 tokens."""
-        outs = [e(ids, output_hidden_states=True) for e in encoders]
-        states = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
-        pooled = torch.cat([o.text_embeds for o in outs], dim=-1)
+        hidden, pooled = zip(*(clip_outputs(e, ids) for e in encoders))
+        states, pooled = torch.cat(hidden, dim=-1), torch.cat(pooled, dim=-1)
         return Conditioning(states, {"pooled_projections": pooled}), pooled
 
     def loss_weight(self, sched, t) -> torch.Tensor:

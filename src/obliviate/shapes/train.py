@@ -49,6 +49,7 @@ from . import vocab, world
 from .layouts import layout
 from .tokenizer import build_tokenizer
 
+
 @dataclass
 class TrainConfig:
     """Every knob of the recipe; the defaults are what the shipped model was trained with."""
@@ -315,10 +316,10 @@ class BaseTrainer:
         if not self.cfg.init_from:
             return False
         from ..families import family_for_class
+        from ..pipeline import pipeline_class
 
-        index = json.loads((Path(self.cfg.init_from) / "model_index.json").read_text())
-        family = family_for_class(index.get("_class_name", ""))
-        return family is not None and family.name == self.layout.family
+        family = family_for_class(pipeline_class(Path(self.cfg.init_from)).__name__)
+        return family.name == self.layout.family
 
     # -- stage 5: denoiser + text encoders --------------------------------------------------
     def train_unet(self, vae, encoders, heads, judge, latents) -> tuple[nn.Module, list[nn.Module]]:
