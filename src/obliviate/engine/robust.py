@@ -59,6 +59,18 @@ def trains_soft_prompts(method, robust: "Robust") -> bool:
     return robust.mining
 
 
+# Allowed range of each numeric setting: (lowest, highest or None, whether lowest is excluded).
+_RANGES = {
+    "tokens": (1, 4, False), "every": (1, None, False), "mine_steps": (0, None, False),
+    "first_steps": (0, None, False), "harden_steps": (0, None, False), "share": (0, 1, True),
+    "pool": (1, None, False), "prompts": (1, None, False), "batch_size": (1, None, False),
+    "lr": (0, None, True), "harden_lr": (0, None, True), "harden_keep": (0, None, False),
+    "harden_keep_attribute": (0, None, False), "harden_image": (0, None, False),
+    "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
+    "t_low": (0, 1000, False), "t_high": (0, 1000, False),
+}
+
+
 @dataclass
 class Robust:
     """Settings and the pool of mined soft prompts ({target: [tensor (tokens, width)]})."""
@@ -109,17 +121,15 @@ class Robust:
                 raise ObliviateError(f"--robust setting {key}={value!r} must be {kind}")
             settings[key] = want(value)
         robust = cls(vectors=vectors or {}, **settings)
-        if (not 1 <= robust.tokens <= 4 or robust.every < 1 or robust.mine_steps < 0 or robust.first_steps < 0
-                or not 0 < robust.share <= 1 or robust.pool < 1 or robust.prompts < 1 or robust.batch_size < 1
-                or not robust.lr > 0 or not 0 <= robust.t_low < robust.t_high <= 1000
-                or robust.harden_steps < 0 or not robust.harden_lr > 0
-                or robust.harden_keep < 0 or robust.harden_keep_attribute < 0 or robust.harden_image < 0
-                or robust.harden_image_pairs < 1 or robust.harden_image_memory < 0):
-            raise ObliviateError("--robust settings: tokens 1-4, every >= 1, mine_steps, first_steps and "
-                                 "harden_steps >= 0, 0 < share <= 1, pool, prompts and batch_size >= 1, lr and "
-                                 "harden_lr > 0, harden_keep, harden_keep_attribute and harden_image >= 0, "
-                                 "harden_image_pairs >= 1, harden_image_memory >= 0, "
-                                 "0 <= t_low < t_high <= 1000")
+        for key, (low, high, open_low) in _RANGES.items():
+            value = getattr(robust, key)
+            if not ((value > low if open_low else value >= low) and (high is None or value <= high)):
+                bound = f"> {low}" if open_low else f">= {low}"
+                raise ObliviateError(f"--robust setting {key}={value!r} must be {bound}"
+                                     + (f" and <= {high}" if high is not None else ""))
+        if not robust.t_low < robust.t_high:
+            raise ObliviateError(f"--robust settings t_low={robust.t_low} and t_high={robust.t_high}: "
+                                 "t_low must be below t_high")
         return robust
 
     @classmethod
