@@ -36,3 +36,23 @@ def test_star_is_gone_and_the_other_objects_stay(method, shapes_pipe, shapes_jud
     assert base_accuracy["star"] >= 0.5, base_accuracy  # the shipped model draws stars
     assert after["star"] <= 0.5 * base_accuracy["star"], after  # at least half of them are gone
     assert drop <= 0.15, (base_accuracy, after)  # the other objects are kept
+
+
+def test_the_shipped_sd3_model_draws_the_world_and_uce_removes_star_from_it(tmp_path, monkeypatch):
+    """`--model shapes-sd3`: the same world on SD3's layout draws its objects, and a request
+    on it removes star and keeps the other objects, as on the UNet model."""
+    from obliviate import load_pipeline
+    from obliviate.evaluate.evaluation import load_judge
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    pipe = load_pipeline("shapes-sd3")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    judge = load_judge(pipe)
+    before = object_accuracies(pipe, judge)
+    assert np.mean(list(before.values())) >= 0.85 and before["star"] >= 0.5, before
+    erase(pipe, Request(("star",)), method="uce", progress=False)
+    after = object_accuracies(pipe, judge)
+    others = [o for o in OBJECTS if o != "star"]
+    drop = np.mean([before[o] for o in others]) - np.mean([after[o] for o in others])
+    assert after["star"] <= 0.5 * before["star"], after
+    assert drop <= 0.15, (before, after)

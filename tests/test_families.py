@@ -18,12 +18,16 @@ from sd_tiny import save_tiny
 FAST = dict(steps=2, batch_size=2, progress=False)
 KV = lambda k: k.startswith("unet.") and (".attn2.to_k." in k or ".attn2.to_v." in k)  # noqa: E731
 # SD3: the text block of joint attention
-JOINT_KV = lambda k: k.startswith("transformer.") and (".attn.add_k_proj." in k or ".attn.add_v_proj." in k)  # noqa: E731
-JOINT_TEXT = lambda k: k.startswith("transformer.") and (".attn.add_" in k or ".attn.to_add_out." in k)  # noqa: E731
+POOLED = "transformer.time_text_embed.text_embedder."  # reads the pooled prompt embedding
+JOINT_KV = lambda k: k.startswith("transformer.") and (".attn.add_k_proj." in k or ".attn.add_v_proj." in k  # noqa: E731
+                                                       or k == POOLED + "linear_1.weight")
+JOINT_TEXT = lambda k: k.startswith("transformer.") and (".attn.add_" in k or ".attn.to_add_out." in k  # noqa: E731
+                                                         or k.startswith(POOLED))
 TEXT_MLP = lambda k: k.startswith("text_encoder") and (".mlp.fc" in k or ".DenseReluDense.w" in k)  # noqa: E731
 UNET = {"duge": KV, "uce": KV, "doco": KV, "esd-object": lambda k: k.startswith("unet.") and ".attn2." not in k,
         "esd-style": lambda k: k.startswith("unet.") and ".attn2." in k, "rgd": lambda k: k.startswith("unet.")}
-TRANSFORMER = {"duge": JOINT_KV, "uce": lambda k: k.startswith("transformer.context_embedder."), "doco": JOINT_KV,
+TRANSFORMER = {"duge": JOINT_KV, "doco": JOINT_KV,
+               "uce": lambda k: k.startswith("transformer.context_embedder.") or k == POOLED + "linear_1.weight",
                "esd-object": lambda k: k.startswith("transformer.") and not JOINT_TEXT(k), "esd-style": JOINT_TEXT,
                "rgd": lambda k: k.startswith("transformer.")}
 # (method, concept, options, which of the family's rules); fewshot-te trains every text encoder's MLPs
@@ -184,6 +188,8 @@ def test_every_method_runs_on_every_family_and_the_output_loads_in_diffusers(tmp
     result = erase(pipe, Request((concept,)), method=method, options=options, out=tmp_path / "out", **FAST)
     changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
     assert changed and all(allowed(k) for k in changed), sorted(changed)[:3]
+    if family != "sdxl" and method in ("duge", "uce"):  # the pooled embedding's read is edited too
+        assert POOLED + "linear_1.weight" in changed
     if method == "fewshot-te":  # every text encoder the family conditions on
         assert {k.split(".")[0] for k in changed} == {"text_encoder", "text_encoder_2"}
     out = tmp_path / "out"

@@ -145,7 +145,8 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
     if args.init_from:
         from .pipeline import resolve_model
 
-        init = str(resolve_model(args.init_from))
+        resolve_model(args.init_from)  # a missing or wrong model is refused before any work
+        init = args.init_from
     config = TrainConfig(seed=args.seed, device=args.device, time_budget_minutes=args.time_budget,
                          init_from=init, family=args.family)
     if args.unet_steps:
@@ -295,7 +296,7 @@ def _cmd_guard(args: argparse.Namespace) -> None:
     from .ledger import Ledger, weights_sha256
     from .methods.freeze_guard import FreezeAsGuard
     from .model_card import write_card
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, save_pipeline
 
     check_output_folder(args.out, "--out", overwrite=args.overwrite)
     pipe = load_pipeline(args.model)
@@ -304,7 +305,7 @@ def _cmd_guard(args: argparse.Namespace) -> None:
     guard = FreezeAsGuard(rho=args.rho, rounds=args.rounds, seed=args.seed)
     mask = guard.learn(pipe, illegal, legal)
     with atomic_folder(Path(args.out), overwrite=args.overwrite) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)
         info = Path(pipe.obliviate_source) / "obliviate.json"
         if info.exists():
             (tmp / "obliviate.json").write_text(info.read_text())
@@ -324,7 +325,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from .ledger import weights_sha256
     from .model_card import write_card
     from .methods.freeze_guard import GuardMask
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, save_pipeline
 
     check_output_folder(args.out, "--out", overwrite=args.overwrite)
     check_device(args.device)
@@ -334,7 +335,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     stats = finetune(pipe, data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                      freeze=set(mask.frozen) if mask else set(), seed=args.seed)
     with atomic_folder(Path(args.out), overwrite=args.overwrite) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)
         info = {**getattr(pipe, "obliviate_info", {}), "finetuned_from": str(args.model),
                 "guard_mask_honoured": mask is not None}
         info.pop("lineage", None)
@@ -387,7 +388,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"obliviate: error: {message} (see `{self.prog} --help`)\n")
 
 
-_MODEL_HELP = ("model to load: `shapes` (shipped), a diffusers folder (any obliviate output), a "
+_MODEL_HELP = ("model to load: `shapes` or `shapes-sd3` (shipped), a diffusers folder (any obliviate output), a "
                "single .safetensors checkpoint, or a hub id (with OBLIVIATE_ONLINE=1)")
 
 

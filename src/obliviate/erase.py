@@ -35,7 +35,7 @@ from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method, set_common
 from .model_card import write_card
-from .pipeline import DELTA_FILE, load_pipeline
+from .pipeline import DELTA_FILE, load_pipeline, save_pipeline
 from .request import Request
 from .resources import PeakMemory
 
@@ -254,7 +254,7 @@ def save_model(pipe, out: Path, ledger: Ledger, entry: LedgerEntry | None = None
     info.pop("delta_of", None)
     with atomic_folder(out, overwrite=overwrite) as tmp:
         if storage == "full":
-            pipe.save_pretrained(tmp, safe_serialization=True)
+            save_pipeline(pipe, tmp)
         else:
             base_state = pipeline_state(load_pipeline(ledger.base, device="cpu"))
             changed = {k: v.detach().cpu().contiguous() for k, v in pipeline_state(pipe).items()

@@ -17,7 +17,7 @@ CARD_FILE = "README.md"
 _EVAL_START = "<!-- obliviate:eval -->"
 _EVAL_END = "<!-- /obliviate:eval -->"
 _NO_EVAL = "Not measured yet: run `obliviate eval --model FOLDER` to add the figures here."
-_KINDS = {"model": "a diffusers Stable Diffusion pipeline folder",
+_KINDS = {"model": "a diffusers pipeline folder",
           "lora": "a LoRA (diffusers/peft format) to load on the base with `pipe.load_lora_weights`",
           "guarded": "a diffusers pipeline folder with a FreezeAsGuard mask",
           "finetuned": "a diffusers pipeline folder, fine-tuned"}

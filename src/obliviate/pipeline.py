@@ -35,10 +35,25 @@ from .errors import ObliviateError
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()
 
-SHIPPED = {"shapes": "assets/shapes"}
+# Models inside the package: the shapes world on Stable Diffusion 1.x's layout and on SD3's.
+SHIPPED = {"shapes": "assets/shapes", "shapes-sd3": "assets/shapes-sd3"}
+SHIPPED_BUILD = {"shapes": "obliviate train-base",
+                 "shapes-sd3": "obliviate train-base --family sd3 --init-from shapes"}
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 DELTA_FILE = "delta.safetensors"
 DEFAULT_SAMPLER = {"num_inference_steps": 50, "guidance_scale": 7.5}
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    """`pipe.save_pretrained(folder)` in safetensors, without diffusers' warning for the
+    components a model leaves out on purpose (SD3 trained without T5: `text_encoder_3=None`,
+    which is how it is loaded back)."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def shipped_model_path(name: str) -> Path:
@@ -46,7 +61,7 @@ def shipped_model_path(name: str) -> Path:
     path = Path(str(resources.files("obliviate") / SHIPPED[name]))
     if not (path / "model_index.json").exists():
         raise ObliviateError(
-            f"the shipped model {name!r} is missing at {path}; run `obliviate train-base` to build it"
+            f"the shipped model {name!r} is missing at {path}; run `{SHIPPED_BUILD[name]}` to build it"
         )
     return path
 

@@ -111,6 +111,12 @@ class Family:
         cross-attention key and value projection of a UNet."""
         return {n: m for n, m in denoiser.named_modules() if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")}
 
+    def pooled_text_map(self, denoiser: nn.Module) -> nn.Module | None:
+        """The module that reads the pooled prompt embedding (`cond.extra["pooled_projections"]`)
+        into every block's modulation, where the family has one; a second way the text
+        reaches the image, which a removal must edit too. None for a UNet."""
+        return None
+
     def pack(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents (batch, c, h, w) in the layout the denoiser reads (Flux packs them)."""
         return latents

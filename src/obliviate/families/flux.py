@@ -30,6 +30,7 @@ class Flux(FlowMatching):
     time_scale = 1.0  # the pipeline divides its timesteps by 1000: the transformer takes σ
     denoiser_rules = StableDiffusion3.denoiser_rules
     text_projections = StableDiffusion3.text_projections
+    pooled_text_map = StableDiffusion3.pooled_text_map
 
     def encode(self, pipe, prompts, get):
         clip, t5 = get("text_encoder"), get("text_encoder_2")

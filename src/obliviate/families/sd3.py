@@ -9,7 +9,11 @@ Choices (the sources are silent): training draws σ = (t + 1)/1000 for the engin
 integer t (no logit-normal or shift: the erasure loss wants every noise level); the text
 that image queries read is the text block of joint attention (`add_k_proj`/`add_v_proj`,
 group `attn2-kv`), and UCE's closed form edits `context_embedder`, the one linear map from
-the encoders' states into the transformer (the reference UCE-Flux script's choice)."""
+the encoders' states into the transformer (the reference UCE-Flux script's choice). The
+pooled embedding reaches every block through `time_text_embed.text_embedder`
+(`pooled_text_map`), which the text groups include and DUGE and UCE edit too: on
+`shapes-sd3` it alone decides the object (star prompts with circle's pooled embedding drew
+no star in 48; DUGE without it left star at 0.17, docs/experiments.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from .base import Conditioning, Family
 
 T5_TOKENS = 256
+POOLED = "time_text_embed.text_embedder."  # reads the pooled CLIP embedding into every block
 
 
 def t5_tokens(pipe) -> int:
@@ -74,8 +79,8 @@ class StableDiffusion3(FlowMatching):
     text_attacks = False
     denoiser_rules = {
         "attn2-kv": lambda n: ".attn.add_k_proj." in n or ".attn.add_v_proj." in n,
-        "attn2": lambda n: ".attn.add_" in n or ".attn.to_add_out." in n,
-        "non-attn2": lambda n: not (".attn.add_" in n or ".attn.to_add_out." in n),
+        "attn2": lambda n: ".attn.add_" in n or ".attn.to_add_out." in n or n.startswith(POOLED),
+        "non-attn2": lambda n: not (".attn.add_" in n or ".attn.to_add_out." in n or n.startswith(POOLED)),
         "unet": lambda n: True,
     }
 
@@ -102,3 +107,6 @@ class StableDiffusion3(FlowMatching):
 
     def text_projections(self, denoiser):
         return {"context_embedder": denoiser.context_embedder}
+
+    def pooled_text_map(self, denoiser):
+        return denoiser.time_text_embed.text_embedder

@@ -9,18 +9,22 @@ in a causal CLIP the positions after the concept word carry it too); positions b
 concept word are identical in target and anchor prompt, so they act as preservation.
 Continual: the states of earlier targets are preserved with their current (already edited)
 mapping, so an earlier removal stays removed.
+In SD3 and Flux the pooled prompt embedding is read into every block too
+(`Family.pooled_text_map`); its first linear layer gets the same closed form, one column per
+prompt (docs/experiments.md, session 17).
 Robust (`--robust`, `apply_robust`): RECE-style rounds that solve for the text state the
 edited layers still map to the target's keys and values and erase it too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..engine.closed_form import edit_pooled_read, uce_matrix
 from .base import Method, register
 
 
@@ -40,6 +44,7 @@ class UCE(Method):
     rece_rounds: int = 3
     rece_lambda: float = 0.1
     robust_mode: str = "rece"
+    _prompts: tuple = field(default=(), repr=False)
 
     def _columns(self, ctx, with_pairs: bool = False):
         """Text-encoder states (one column per token position) of the target prompts, their
@@ -54,19 +59,19 @@ class UCE(Method):
         keep += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
                  for t, _ in world.prompt_pairs(tg, a, self.prompts_per_target // 2, rng)]
         flat = lambda h: h.reshape(-1, h.shape[-1]).double()  # noqa: E731
-        states = (flat(ctx.encode([t for t, _ in pairs], frozen=True).states),
-                  flat(ctx.encode([a for _, a in pairs], frozen=True).states),
-                  flat(ctx.encode(keep, frozen=True).states))
+        self._prompts = ([t for t, _ in pairs], [a for _, a in pairs], keep)
+        states = tuple(flat(ctx.encode(prompts, frozen=True).states) for prompts in self._prompts)
         return (*states, pairs) if with_pairs else states
+
+    def _edit_pooled(self, ctx) -> int:
+        """The same closed form on the pooled embedding's read (SD3, Flux), same prompts."""
+        return edit_pooled_read(ctx, *self._prompts, lam=self.lam)
 
     def _edit(self, ctx, originals: dict, c_e, c_g, c_p) -> int:
         """Set every K/V projection to the UCE solution from its weights before the request."""
-        eye = torch.eye(c_e.shape[1], dtype=torch.float64, device=c_e.device)
-        rhs = self.lam * eye + self.erase_scale * c_e.T @ c_e + self.preserve_scale * c_p.T @ c_p
-        guide = self.erase_scale * c_g.T @ c_e + self.preserve_scale * c_p.T @ c_p + self.lam * eye
-        rhs_inv = torch.linalg.inv(rhs)
+        edit = uce_matrix(c_e, c_g, c_p, self.lam, self.erase_scale, self.preserve_scale)
         for module, w in originals.values():
-            module.weight.copy_((w @ guide @ rhs_inv).to(module.weight.dtype))
+            module.weight.copy_((w @ edit).to(module.weight.dtype))
         return len(originals)
 
     @staticmethod
@@ -77,7 +82,7 @@ class UCE(Method):
     @torch.no_grad()
     def apply(self, ctx) -> dict:
         c_e, c_g, c_p = self._columns(ctx)
-        edited = self._edit(ctx, self._projections(ctx), c_e, c_g, c_p)
+        edited = self._edit(ctx, self._projections(ctx), c_e, c_g, c_p) + self._edit_pooled(ctx)
         return {"layers_edited": edited, "columns_erased": len(c_e), "columns_preserved": len(c_p)}
 
     @torch.no_grad()
@@ -93,7 +98,7 @@ class UCE(Method):
         c_e, c_g, c_p = self._columns(ctx)
         originals = self._projections(ctx)
         erase, guides = c_e, c_g
-        edited, norms = self._edit(ctx, originals, erase, guides, c_p), []
+        edited, norms = self._edit(ctx, originals, erase, guides, c_p) + self._edit_pooled(ctx), []
         d = c_e.shape[1]
         eye = torch.eye(d, dtype=torch.float64, device=c_e.device)
         for _ in range(self.rece_rounds):

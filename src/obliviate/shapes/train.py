@@ -46,6 +46,7 @@ from ..finetune import prompt_ids
 from ..generate import generate_images
 from ..families import FAMILIES
 from . import vocab, world
+from ..pipeline import resolve_model, save_pipeline
 from .layouts import layout
 from .tokenizer import build_tokenizer
 
@@ -164,6 +165,8 @@ class BaseTrainer:
         self.layout = layout(config.family)
         self.start = time.time()
         self.log_path = self.work / "log.jsonl"
+        # the model named by --init-from (a shipped name or a folder; the config keeps the name)
+        self.init_path = Path(resolve_model(config.init_from)) if config.init_from else None
 
     def log(self, **record) -> None:
         record["minutes"] = round((time.time() - self.start) / 60, 2)
@@ -181,7 +184,7 @@ class BaseTrainer:
     def train_judge(self) -> Judge:
         folder = self.work / "judge"
         if not (folder / "judge.json").exists() and self.cfg.init_from:
-            Judge.load(Path(self.cfg.init_from) / "judge").save(folder)
+            Judge.load(self.init_path / "judge").save(folder)
         if (folder / "judge.json").exists():
             return Judge.load(folder)
         torch.manual_seed(self.cfg.seed)
@@ -211,7 +214,7 @@ class BaseTrainer:
     def train_vae(self, judge: Judge) -> AutoencoderKL:
         folder = self.work / "vae"
         if not (folder / "config.json").exists() and self.cfg.init_from:
-            AutoencoderKL.from_pretrained(Path(self.cfg.init_from) / "vae").save_pretrained(folder)
+            AutoencoderKL.from_pretrained(self.init_path / "vae").save_pretrained(folder)
         if (folder / "config.json").exists():
             return AutoencoderKL.from_pretrained(folder)
         torch.manual_seed(self.cfg.seed)
@@ -287,7 +290,7 @@ class BaseTrainer:
         rng = np.random.default_rng(self.cfg.seed)
         params = [p for m in (*encoders, heads) for p in m.parameters()]
         if self.init_same_family:  # keep the trained encoders; fit only the auxiliary heads
-            encoders = lay.load_encoders(Path(self.cfg.init_from))
+            encoders = lay.load_encoders(self.init_path)
             params = list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=2e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, self.cfg.text_steps))
@@ -318,7 +321,7 @@ class BaseTrainer:
         from ..families import family_for_class
         from ..pipeline import pipeline_class
 
-        family = family_for_class(pipeline_class(Path(self.cfg.init_from)).__name__)
+        family = family_for_class(pipeline_class(self.init_path).__name__)
         return family.name == self.layout.family
 
     # -- stage 5: denoiser + text encoders --------------------------------------------------
@@ -332,7 +335,7 @@ class BaseTrainer:
         mean, std = latents
         scenes, _ = world.dataset_scenes(cfg.images, seed=cfg.seed)
         scaling = vae.config.scaling_factor
-        unet = (lay.load_denoiser(Path(cfg.init_from)) if self.init_same_family
+        unet = (lay.load_denoiser(self.init_path) if self.init_same_family
                 else lay.build_denoiser(encoders, vae.config.latent_channels)).to(dev)
         encoders, heads = [e.to(dev) for e in encoders], heads.to(dev)
         params = [p for m in (unet, *encoders, heads) for p in m.parameters()]
@@ -472,7 +475,7 @@ def save_shapes_model(pipe, judge: Judge, out: Path, meta: dict, loading: str | 
     """Write the pipeline (safetensors), the judge and `obliviate.json` to `out` atomically;
     `loading` tells the model card how plain diffusers loads and calls it."""
     with atomic_folder(out, overwrite=True) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)
         judge.save(tmp / "judge")
         info = {**pipe.obliviate_info, **meta}
         (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))

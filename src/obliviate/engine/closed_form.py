@@ -1,0 +1,42 @@
+"""UCE's closed form, shared: the least-squares edit of a linear map that reads the text.
+
+For a map W_old and columns c_e (what to erase), c_g (the guide each erased column should
+now map like) and c_p (what to keep):
+    W = W_old·M,   M = (λ·I + s_e·C_gᵀC_e + s_p·C_pᵀC_p)(λ·I + s_e·C_eᵀC_e + s_p·C_pᵀC_p)⁻¹
+(rows of C are columns c), the minimiser of s_e·Σ‖W c_e − W_old c_g‖² + s_p·Σ‖W c_p − W_old c_p‖²
++ λ‖W − W_old‖²_F. UCE applies it to every K/V projection (`methods/uce.py`).
+
+`edit_pooled_read` applies it to the first linear layer of the module that reads a prompt's
+pooled embedding into every block of SD3 and Flux (`Family.pooled_text_map`): one vector per
+prompt, so the closed form is exact where gradient steps on it also moved what they should
+keep (on `shapes-sd3`, DUGE with that layer trained: star removed, dotted −0.18;
+docs/experiments.md, session 17). DUGE and UCE both call it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def uce_matrix(c_e: torch.Tensor, c_g: torch.Tensor, c_p: torch.Tensor, lam: float,
+               erase_scale: float = 1.0, preserve_scale: float = 1.0) -> torch.Tensor:
+    """M with W = W_old·M the closed-form edit above (float64, columns as rows of c_*)."""
+    eye = torch.eye(c_e.shape[1], dtype=torch.float64, device=c_e.device)
+    rhs = lam * eye + erase_scale * c_e.T @ c_e + preserve_scale * c_p.T @ c_p
+    guide = erase_scale * c_g.T @ c_e + preserve_scale * c_p.T @ c_p + lam * eye
+    return guide @ torch.linalg.inv(rhs)
+
+
+@torch.no_grad()
+def edit_pooled_read(ctx, targets: list[str], anchors: list[str], keep: list[str], lam: float = 0.5) -> int:
+    """Map each target prompt's pooled embedding as its anchor prompt's is mapped, and keep
+    the `keep` prompts' as they are, in the pooled read's first linear layer (SD3, Flux).
+    Returns the number of layers edited: 0 for a family without a pooled read."""
+    read = ctx.family.pooled_text_map(getattr(ctx.pipe, ctx.family.denoiser))
+    if read is None:
+        return 0
+    e, g = (ctx.encode(prompts, frozen=True).extra["pooled_projections"].double() for prompts in (targets, anchors))
+    p = ctx.encode(keep, frozen=True).extra["pooled_projections"].double() if keep else e[:0]
+    layer = read.linear_1
+    layer.weight.copy_((layer.weight.double() @ uce_matrix(e, g, p, lam)).to(layer.weight.dtype))
+    return 1
