@@ -11,9 +11,10 @@ that image queries read is the text block of joint attention (`add_k_proj`/`add_
 group `attn2-kv`), and UCE's closed form edits `context_embedder`, the one linear map from
 the encoders' states into the transformer (the reference UCE-Flux script's choice). The
 pooled embedding reaches every block through `time_text_embed.text_embedder`
-(`pooled_text_map`), which the text groups include and DUGE and UCE edit too: on
-`shapes-sd3` it alone decides the object (star prompts with circle's pooled embedding drew
-no star in 48; DUGE without it left star at 0.17, docs/experiments.md)."""
+(`pooled_text_map`), which the `attn2` group (ESD-x) includes and DUGE and UCE edit in
+closed form (`engine/closed_form.py`): on `shapes-sd3` it alone decides the object (star
+prompts with circle's pooled embedding drew no star in 48; DUGE without it left star at
+0.17, docs/experiments.md)."""
 
 from __future__ import annotations
 
