@@ -19,14 +19,13 @@ FAST = dict(steps=2, batch_size=2, progress=False)
 KV = lambda k: k.startswith("unet.") and (".attn2.to_k." in k or ".attn2.to_v." in k)  # noqa: E731
 # SD3: the text block of joint attention
 POOLED = "transformer.time_text_embed.text_embedder."  # reads the pooled prompt embedding
-JOINT_KV = lambda k: k.startswith("transformer.") and (".attn.add_k_proj." in k or ".attn.add_v_proj." in k  # noqa: E731
-                                                       or k == POOLED + "linear_1.weight")
+JOINT_KV = lambda k: k.startswith("transformer.") and (".attn.add_k_proj." in k or ".attn.add_v_proj." in k)  # noqa: E731
 JOINT_TEXT = lambda k: k.startswith("transformer.") and (".attn.add_" in k or ".attn.to_add_out." in k  # noqa: E731
                                                          or k.startswith(POOLED))
 TEXT_MLP = lambda k: k.startswith("text_encoder") and (".mlp.fc" in k or ".DenseReluDense.w" in k)  # noqa: E731
 UNET = {"duge": KV, "uce": KV, "doco": KV, "esd-object": lambda k: k.startswith("unet.") and ".attn2." not in k,
         "esd-style": lambda k: k.startswith("unet.") and ".attn2." in k, "rgd": lambda k: k.startswith("unet.")}
-TRANSFORMER = {"duge": JOINT_KV, "doco": JOINT_KV,
+TRANSFORMER = {"duge": lambda k: JOINT_KV(k) or k == POOLED + "linear_1.weight", "doco": JOINT_KV,
                "uce": lambda k: k.startswith("transformer.context_embedder.") or k == POOLED + "linear_1.weight",
                "esd-object": lambda k: k.startswith("transformer.") and not JOINT_TEXT(k), "esd-style": JOINT_TEXT,
                "rgd": lambda k: k.startswith("transformer.")}

@@ -76,3 +76,18 @@ def test_train_base_family_sd3_writes_an_sd3_pipeline_that_conditions_as_diffuse
     from obliviate.generate import generate_images
 
     assert generate_images(pipe, prompts, seed=0).shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("init", ["someone/model", "unet/diffusion_pytorch_model.safetensors"])
+def test_train_base_refuses_an_init_from_that_is_not_a_shapes_model(tmp_path, capsys, init):
+    """A hub id or a single weights file is not a model train-base can continue from: one
+    line, exit 2, no work folder."""
+    from obliviate.cli import main
+    from obliviate.pipeline import shipped_model_path
+
+    if init.endswith(".safetensors"):
+        init = str(shipped_model_path("shapes") / init)
+    code = main(["train-base", "--init-from", init, "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--init-from" in err, err
+    assert list(tmp_path.iterdir()) == []

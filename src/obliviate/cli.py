@@ -141,14 +141,8 @@ def _cmd_train_base(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise ObliviateError(f"{out} exists; choose another --out or pass --overwrite")
     check_device(args.device)
-    init = None
-    if args.init_from:
-        from .pipeline import resolve_model
-
-        resolve_model(args.init_from)  # a missing or wrong model is refused before any work
-        init = args.init_from
     config = TrainConfig(seed=args.seed, device=args.device, time_budget_minutes=args.time_budget,
-                         init_from=init, family=args.family)
+                         init_from=args.init_from or None, family=args.family)
     if args.unet_steps:
         config.unet_steps = args.unet_steps
     if args.schedule_steps:

@@ -18,7 +18,7 @@ edited layers still map to the target's keys and values and erase it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -44,11 +44,10 @@ class UCE(Method):
     rece_rounds: int = 3
     rece_lambda: float = 0.1
     robust_mode: str = "rece"
-    _prompts: tuple = field(default=(), repr=False)
 
-    def _columns(self, ctx, with_pairs: bool = False):
-        """Text-encoder states (one column per token position) of the target prompts, their
-        anchors, and everything to preserve, from the model before this request."""
+    def _prompt_sets(self, ctx) -> tuple[list[str], list[str], list[str], list[tuple[str, str]]]:
+        """The request's prompts, drawn from the erase seed: target prompts, their anchor
+        prompts, everything to preserve, and the (target, anchor) pairs."""
         rng = np.random.default_rng(ctx.seed)
         req, world = ctx.request, ctx.world
         pairs = [p for t, a in zip(req.targets, req.anchors)
@@ -58,14 +57,13 @@ class UCE(Method):
         keep += world.memory_prompts(removed, self.memory_prompts, rng)
         keep += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
                  for t, _ in world.prompt_pairs(tg, a, self.prompts_per_target // 2, rng)]
-        flat = lambda h: h.reshape(-1, h.shape[-1]).double()  # noqa: E731
-        self._prompts = ([t for t, _ in pairs], [a for _, a in pairs], keep)
-        states = tuple(flat(ctx.encode(prompts, frozen=True).states) for prompts in self._prompts)
-        return (*states, pairs) if with_pairs else states
+        return [t for t, _ in pairs], [a for _, a in pairs], keep, pairs
 
-    def _edit_pooled(self, ctx) -> int:
-        """The same closed form on the pooled embedding's read (SD3, Flux), same prompts."""
-        return edit_pooled_read(ctx, *self._prompts, lam=self.lam)
+    @staticmethod
+    def _columns(ctx, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text-encoder states (one column per token position) of the target, anchor and
+        preserved prompts, from the model before this request."""
+        return tuple(ctx.encode(p, frozen=True).states.flatten(0, -2).double() for p in prompts[:3])
 
     def _edit(self, ctx, originals: dict, c_e, c_g, c_p) -> int:
         """Set every K/V projection to the UCE solution from its weights before the request."""
@@ -81,8 +79,9 @@ class UCE(Method):
 
     @torch.no_grad()
     def apply(self, ctx) -> dict:
-        c_e, c_g, c_p = self._columns(ctx)
-        edited = self._edit(ctx, self._projections(ctx), c_e, c_g, c_p) + self._edit_pooled(ctx)
+        prompts = self._prompt_sets(ctx)
+        c_e, c_g, c_p = self._columns(ctx, prompts)
+        edited = self._edit(ctx, self._projections(ctx), c_e, c_g, c_p) + edit_pooled_read(ctx, *prompts[:3], self.lam)
         return {"layers_edited": edited, "columns_erased": len(c_e), "columns_preserved": len(c_p)}
 
     @torch.no_grad()
@@ -95,10 +94,11 @@ class UCE(Method):
         request (`rece_rounds` times)."""
         if self.robust_mode == "mined":
             return self._apply_mined(ctx, robust)
-        c_e, c_g, c_p = self._columns(ctx)
+        prompts = self._prompt_sets(ctx)
+        c_e, c_g, c_p = self._columns(ctx, prompts)
         originals = self._projections(ctx)
         erase, guides = c_e, c_g
-        edited, norms = self._edit(ctx, originals, erase, guides, c_p) + self._edit_pooled(ctx), []
+        edited, norms = self._edit(ctx, originals, erase, guides, c_p) + edit_pooled_read(ctx, *prompts[:3], self.lam), []
         d = c_e.shape[1]
         eye = torch.eye(d, dtype=torch.float64, device=c_e.device)
         for _ in range(self.rece_rounds):
@@ -125,7 +125,8 @@ class UCE(Method):
         # ledger records them) are left alone, and only the mined pool is handed back
         miner = replace(robust or Robust(), tokens=1, vary_tokens=False)
         miner.prepare(ctx)
-        c_e, c_g, c_p, pairs = self._columns(ctx, with_pairs=True)
+        sets = self._prompt_sets(ctx)
+        (c_e, c_g, c_p), pairs = self._columns(ctx, sets), sets[3]
         originals = self._projections(ctx)
         erase, guides = c_e, c_g
         edited = self._edit(ctx, originals, erase, guides, c_p)

@@ -46,6 +46,7 @@ from ..finetune import prompt_ids
 from ..generate import generate_images
 from ..families import FAMILIES
 from . import vocab, world
+from ..errors import ObliviateError
 from ..pipeline import resolve_model, save_pipeline
 from .layouts import layout
 from .tokenizer import build_tokenizer
@@ -80,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     probe_every: int = 500  # 0: no probe generations
     time_budget_minutes: float | None = None
-    init_from: str | None = None  # a shapes model folder to continue from (its VAE, judge, weights)
+    init_from: str | None = None  # a shapes model (shipped name or folder) to continue from: its VAE, judge, weights
 
 
 def build_vae(latent_channels: int = 4) -> AutoencoderKL:
@@ -154,19 +155,31 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+def init_folder(model: str) -> Path:
+    """The folder of the shapes model `--init-from` names (a shipped name or a folder that
+    `train-base` wrote); one-line error for anything else (a hub id, a single file, a model
+    without the shapes world's judge)."""
+    path = resolve_model(model)
+    if not isinstance(path, Path) or not (path / "judge" / "judge.json").exists():
+        raise ObliviateError(f"--init-from {model}: not a shapes-world model folder with a judge; give "
+                             "`shapes`, `shapes-sd3` or a folder `obliviate train-base` wrote")
+    return path
+
+
 class BaseTrainer:
     """Runs the stages of the recipe with checkpoints in `work`; `run()` writes `out`."""
 
     def __init__(self, out: Path, work: Path, config: TrainConfig):
         self.out, self.work, self.cfg = Path(out), Path(work), config
+        # the model named by --init-from (a shipped name or a folder; the config keeps the name),
+        # resolved before anything is written so that a wrong one is refused first
+        self.init_path = init_folder(config.init_from) if config.init_from else None
         self.device = torch.device(config.device)
         self.work.mkdir(parents=True, exist_ok=True)
         self.tokenizer = build_tokenizer()
         self.layout = layout(config.family)
         self.start = time.time()
         self.log_path = self.work / "log.jsonl"
-        # the model named by --init-from (a shipped name or a folder; the config keeps the name)
-        self.init_path = Path(resolve_model(config.init_from)) if config.init_from else None
 
     def log(self, **record) -> None:
         record["minutes"] = round((time.time() - self.start) / 60, 2)
@@ -183,7 +196,7 @@ class BaseTrainer:
     # -- stage 1: judge ---------------------------------------------------------------------
     def train_judge(self) -> Judge:
         folder = self.work / "judge"
-        if not (folder / "judge.json").exists() and self.cfg.init_from:
+        if not (folder / "judge.json").exists() and self.init_path is not None:
             Judge.load(self.init_path / "judge").save(folder)
         if (folder / "judge.json").exists():
             return Judge.load(folder)
@@ -213,7 +226,7 @@ class BaseTrainer:
     # -- stage 2: VAE -----------------------------------------------------------------------
     def train_vae(self, judge: Judge) -> AutoencoderKL:
         folder = self.work / "vae"
-        if not (folder / "config.json").exists() and self.cfg.init_from:
+        if not (folder / "config.json").exists() and self.init_path is not None:
             AutoencoderKL.from_pretrained(self.init_path / "vae").save_pretrained(folder)
         if (folder / "config.json").exists():
             return AutoencoderKL.from_pretrained(folder)
@@ -316,7 +329,7 @@ class BaseTrainer:
     def init_same_family(self) -> bool:
         """Whether --init-from names a model of this layout (then its text encoders and
         denoiser are continued; its judge and VAE are reused whatever its layout)."""
-        if not self.cfg.init_from:
+        if self.init_path is None:
             return False
         from ..families import family_for_class
         from ..pipeline import pipeline_class
