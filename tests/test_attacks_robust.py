@@ -174,6 +174,7 @@ def test_uce_mined_mode_records_what_the_user_set_and_keeps_its_one_token_prompt
     (["--robust", "--robust-set", "tokens=9"], "tokens=9 must be >= 1 and <= 4"),
     (["--robust", "--robust-set", "share=0"], "share=0.0 must be > 0 and <= 1"),
     (["--robust", "--robust-set", "t_low=800", "--robust-set", "t_high=700"], "t_low must be below t_high"),
+    (["--robust", "--robust-set", "harden_reference=none"], "harden_reference='none' must be one of: empty, anchor"),
     (["--robust", "--refresh", "--method", "uce"], "closed-form"),
 ])
 def test_bad_robust_settings_are_one_line_exit_2(shapes_base, tmp_path, capsys, args, message):

@@ -142,6 +142,16 @@ def test_non_finite_loss_stops_and_writes_nothing(base, tmp_path, monkeypatch):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+def test_duge_converge_goes_on_while_its_attention_loss_is_still_high(base, tmp_path):
+    """With `converge` = r, DUGE runs past --steps while its attention loss (mean of the last
+    10 steps) is above r times its first steps', up to `max_steps`; the ledger says how many
+    steps the request took."""
+    for options, taken in (({}, 3), ({"converge": 1e-9, "max_steps": 5}, 5), ({"converge": 10.0, "max_steps": 5}, 3)):
+        out = tmp_path / f"o{len(options)}-{options.get('converge')}"
+        erase(load_pipeline(base), Request(("van gogh",)), options=options, out=out, **FAST)
+        assert Ledger.load(out).entries[-1].steps_run == taken, options
+
+
 @pytest.mark.parametrize("robust", [False, {"every": 2, "mine_steps": 2, "first_steps": 2, "prompts": 4,
                                              "batch_size": 2, "mining": True, "harden_steps": 0},
                                     {"harden_steps": 2, "harden_image_pairs": 4, "harden_image_memory": 4}], ids=["plain", "robust-mining", "robust-harden"])

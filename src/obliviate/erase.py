@@ -168,7 +168,7 @@ def erase(
             miner = adversary if adversary and adversary.mining else None
             if miner:
                 miner.prepare(ctx)
-            stats = train(m, ctx, steps=m.steps, lr=m.lr, batch_size=m.batch_size, seed=seed,
+            stats = train(m, ctx, steps=m.step_budget(), lr=m.lr, batch_size=m.batch_size, seed=seed,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           resume=resume, refresh=plugin, robust=miner,
                           checkpoint_info={"identity": identity, "started": start})
@@ -192,6 +192,7 @@ def erase(
         bytes_stored=0, out=str(out.resolve()) if out else "",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         resumed_from_step=resumed_from,
+        steps_run=(stats["steps_run"] + (resumed_from or 0)) if "steps_run" in stats else None,
     )
     if out and accelerator.is_main_process:
         entry = save_model(pipe, out, ledger, entry, overwrite=overwrite, refresh=plugin, robust=adversary)

@@ -65,6 +65,7 @@ class LedgerEntry:
     created: str
     metrics: dict | None = None
     resumed_from_step: int | None = None  # set when the request was resumed from a checkpoint
+    steps_run: int | None = None  # optimiser steps the request took (a method may stop early or go on)
 
     @property
     def resolved(self) -> ResolvedRequest:

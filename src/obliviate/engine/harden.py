@@ -48,9 +48,10 @@ def harden(ctx, robust) -> dict:
 
     keep = keep_weight(ctx.request, robust)
     esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
-                     lambda_keep=keep, keep_reference="original",
+                     lambda_keep=keep, keep_reference="original", reference=robust.harden_reference,
                      lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
-                     image_memory=robust.harden_image_memory)
+                     image_memory=robust.harden_image_memory,
+                     image_t_high=robust.harden_image_t_high)
     after = ctx.train_group
     ctx.restart(esd.param_group)
     esd.prepare(ctx)

@@ -67,8 +67,10 @@ _RANGES = {
     "lr": (0, None, True), "harden_lr": (0, None, True), "harden_keep": (0, None, False),
     "harden_keep_attribute": (0, None, False), "harden_image": (0, None, False),
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
-    "t_low": (0, 1000, False), "t_high": (0, 1000, False),
+    "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
 }
+# Allowed values of each text setting.
+_CHOICES = {"harden_reference": ("empty", "anchor")}
 
 
 @dataclass
@@ -78,11 +80,13 @@ class Robust:
     mining: bool = True
     harden_steps: int = 0
     harden_lr: float = 1e-4
+    harden_reference: str = "empty"
     harden_keep: float = 5.0
     harden_keep_attribute: float = 10.0
     harden_image: float = 0.0
     harden_image_pairs: int = 64
     harden_image_memory: int = 0
+    harden_image_t_high: int = 1000
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
@@ -112,6 +116,11 @@ class Robust:
         for key, value in settings.items():
             if key not in known:
                 raise ObliviateError(f"--robust has no setting {key!r}; it has: {', '.join(known)}")
+            if key in _CHOICES:
+                if value not in _CHOICES[key]:
+                    raise ObliviateError(f"--robust setting {key}={value!r} must be one of: "
+                                         f"{', '.join(_CHOICES[key])}")
+                continue
             want = type(getattr(cls, key))
             ok = isinstance(value, bool) if want is bool else (
                 isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -73,6 +73,10 @@ class Method:
         """Early stop (e.g. a bound on the forget loss)."""
         return False
 
+    def step_budget(self) -> int:
+        """The most optimiser steps the loop may run (`should_stop` may end it sooner)."""
+        return self.steps
+
     def state(self) -> dict[str, torch.Tensor]:
         """Extra tensors to checkpoint (e.g. a discriminator's weights)."""
         return {}

@@ -3,6 +3,10 @@
 Distil negative guidance into θ: on x_t,
     target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t)),
     L = ‖ε_θ(x_t, c_tgt, t) − target‖².
+`reference="anchor"` takes the reference from the same caption with the target's word
+replaced by its anchor instead of the empty prompt, ε_φ(x_t, c_anc, t): the guidance then
+pushes along target − anchor only, not along everything else the caption names (a
+"red striped star" against ∅ also pushes red and star away). Default "empty": the source.
 ESD-x (`variant="x"`) trains cross-attention (styles), ESD-u (`"u"`) everything but
 cross-attention (objects); `"auto"` (default) picks u when every target is an object, as
 the reference recommends, and x otherwise.
@@ -50,10 +54,12 @@ from .base import Method, register
 @dataclass
 class ESD(Method):
     name: ClassVar[str] = "esd"
-    option_choices: ClassVar[dict[str, tuple]] = {"keep_reference": ("before", "original")}
+    option_choices: ClassVar[dict[str, tuple]] = {"keep_reference": ("before", "original"),
+                                                  "reference": ("empty", "anchor")}
     forget_prompts: ClassVar = ((None, "prompts"),)
     variant: str = "auto"
     eta: float = 1.0
+    reference: str = "empty"
     steps: int = 100
     lr: float = 1e-4
     batch_size: int = 8
@@ -86,10 +92,17 @@ class ESD(Method):
     def prepare(self, ctx) -> None:
         self.configure(ctx.request)
         rng = np.random.default_rng(ctx.seed)
-        prompts = [p for t in ctx.request.targets
-                   for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
-        self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
         removed = ctx.removed
+        if self.reference == "anchor":
+            pairs = [pair for t, a in zip(ctx.request.targets, ctx.request.anchors)
+                     for pair in ctx.world.prompt_pairs(t, a, self.prompts_per_target, rng, avoid=removed)]
+            prompts = [p for p, _ in pairs]
+            self._data = {"prompts": prompts, "anchor_prompts": [a for _, a in pairs],
+                          "latents": ctx.model_latents(prompts)}
+        else:
+            prompts = [p for t in ctx.request.targets
+                       for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
+            self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
         kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}  # of every removed concept
         if self.lambda_keep:
             keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds)
@@ -113,7 +126,9 @@ class ESD(Method):
         x_t, _, t = ctx.noisy(batch)
         cond_frozen = ctx.encode(batch.get("_plain_prompts", batch["prompts"]), frozen=True)
         e_c = ctx.eps(x_t, t, cond_frozen, frozen=True)
-        e_0 = ctx.eps(x_t, t, self._null.expand(len(x_t)), frozen=True)
+        ref = (ctx.encode(batch["anchor_prompts"], frozen=True) if "anchor_prompts" in batch
+               else self._null.expand(len(x_t)))
+        e_0 = ctx.eps(x_t, t, ref, frozen=True)
         target = e_0 - self.eta * (e_c - e_0)
         terms = {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}
         if "keep" in batch:
