@@ -13,7 +13,11 @@ target denoise to same-seed images of its anchor, kept concepts' images and
 where the keep term alone cannot; without the memory prompts' images a colour no request
 named dipped over three requests (docs/benchmarks.md). Then φ is taken again (the hardened
 model is "the model before" for the method's own stage) and the method edits as usual.
-Needs no soft prompt, so it runs on every family.
+Needs no soft prompt, so it runs on every family. `harden_reference="anchor"` takes ESD's
+reference from the anchor's caption instead of the empty prompt (methods.esd);
+`harden_image_t_high` bounds the paired-image term's timesteps. A style needs more than
+the default 100 steps against 1000-step attacks (striped, full ladder: 0.88; 200 steps
+with the anchor reference and λ_keep 20: 0.17, docs/benchmarks.md).
 
 Why: an edit of the cross-attention keys and values (DUGE) moves where the target's word
 points, but the UNet body still draws the target for some text state, and a learned soft

@@ -29,6 +29,10 @@
   the original model's images of the anchor prompts, the same prompts every request, so
   they are sampled once per lineage and a request's cost does not grow with k). An earlier
   target whose anchor has been removed since follows that removal's anchor (`final_anchor`).
+`converge=r` (off by default) goes on past `steps` while the attention loss of the last 10
+steps is above r times its first 10 steps', at most `max_steps`: a target whose anchor is
+its own close relative converges slower (the long preset's outlined → solid, r 0.15: 117
+steps, UA 0.79 → 0.93; docs/experiments.md, session 18).
 Trains the cross-attention key/value projections by default. In a family whose pooled
 prompt embedding feeds every block (SD3, Flux), its read is first edited in closed form
 (`engine.closed_form.edit_pooled_read`: target prompts' pooled vectors mapped as their
