@@ -207,8 +207,10 @@ class DUGE(Method):
         last 10 steps has fallen to r times that of the first 10 (mean over each); a removal
         whose anchor is close to the target converges slower than the fixed budget allows
         (the long preset's outlined → solid: 0.22 of its start after 60 steps, UA 0.79)."""
+        if not self.converge:
+            return False
         self._attn.append(float(terms["attn"].detach()))
-        if not self.converge or step + 1 < self.steps:
+        if step + 1 < self.steps:
             return False
         first, last = self._attn[:10], self._attn[-10:]
         return sum(last) / len(last) <= self.converge * sum(first) / len(first)

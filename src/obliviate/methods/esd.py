@@ -93,16 +93,14 @@ class ESD(Method):
         self.configure(ctx.request)
         rng = np.random.default_rng(ctx.seed)
         removed = ctx.removed
-        if self.reference == "anchor":
+        if self.reference == "anchor":  # each target prompt with its anchor's caption beside it
             pairs = [pair for t, a in zip(ctx.request.targets, ctx.request.anchors)
                      for pair in ctx.world.prompt_pairs(t, a, self.prompts_per_target, rng, avoid=removed)]
-            prompts = [p for p, _ in pairs]
-            self._data = {"prompts": prompts, "anchor_prompts": [a for _, a in pairs],
-                          "latents": ctx.model_latents(prompts)}
+            prompts, extra = [p for p, _ in pairs], {"anchor_prompts": [a for _, a in pairs]}
         else:
-            prompts = [p for t in ctx.request.targets
-                       for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)]
-            self._data = {"prompts": prompts, "latents": ctx.model_latents(prompts)}
+            prompts, extra = [p for t in ctx.request.targets
+                              for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)], {}
+        self._data = {"prompts": prompts, **extra, "latents": ctx.model_latents(prompts)}
         kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}  # of every removed concept
         if self.lambda_keep:
             keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds)
