@@ -62,11 +62,14 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     settings = Ledger.load(tmp_path / "h").entries[0].settings["robust"]
     assert settings["harden_steps"] == 3 and settings["mining"] is False
     assert result.stats["harden_seconds"] >= 0 and not (tmp_path / "h" / PROMPTS_FILE).exists()
-    # a colour or a style is held harder to what stays than an object
-    assert result.stats["harden_keep"] == 5.0
+    # a colour is held harder to what stays than an object, a style harder still and longer
+    assert result.stats["harden_keep"] == 5.0 and result.stats["harden_steps_run"] == 3
+    coloured = erase(load_pipeline(shapes_base), Request(("red",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
+                     batch_size=2, progress=False)
+    assert coloured.stats["harden_keep"] == 10.0 and coloured.stats["harden_steps_run"] == 1
     styled = erase(load_pipeline(shapes_base), Request(("striped",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
                    batch_size=2, progress=False)
-    assert styled.stats["harden_keep"] == 10.0
+    assert styled.stats["harden_keep"] == 20.0 and styled.stats["harden_steps_run"] == 2
     # without the stage, the body is untouched
     plain = load_pipeline(shapes_base)
     erase(plain, Request(("star",)), robust={"harden_steps": 0}, steps=3, batch_size=2, progress=False)
@@ -175,6 +178,8 @@ def test_uce_mined_mode_records_what_the_user_set_and_keeps_its_one_token_prompt
     (["--robust", "--robust-set", "share=0"], "share=0.0 must be > 0 and <= 1"),
     (["--robust", "--robust-set", "t_low=800", "--robust-set", "t_high=700"], "t_low must be below t_high"),
     (["--robust", "--robust-set", "harden_reference=none"], "harden_reference='none' must be one of: empty, anchor"),
+    (["--robust", "--robust-set", "harden_reference_style=x"], "harden_reference_style='x' must be one of"),
+    (["--robust", "--robust-set", "harden_style_factor=0"], "harden_style_factor=0.0 must be > 0"),
     (["--robust", "--refresh", "--method", "uce"], "closed-form"),
 ])
 def test_bad_robust_settings_are_one_line_exit_2(shapes_base, tmp_path, capsys, args, message):

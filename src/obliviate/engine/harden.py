@@ -3,8 +3,8 @@
     target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t))
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
-`harden_steps` steps at `harden_lr`, λ_keep from `keep_weight` (5 for objects, 10 for
-colours and styles). c_keep are prompts naming no removed concept but naming a concept of
+`harden_steps` steps at `harden_lr`, λ_keep by the target's kind (`stage_recipe`: 5 for
+objects, 10 for colours; a style twice the steps, λ 20, the anchor's reference). c_keep are prompts naming no removed concept but naming a concept of
 every removed kind (the memory bank, the preserve set); ε_0 is the lineage's original model
 (held to the model before the request instead, six hardened requests drifted). L_img is
 ESD's paired-image term (`harden_image`, λ 2 for DUGE; 0 turns it off): noisy images of the
@@ -36,13 +36,22 @@ from __future__ import annotations
 from .loop import train
 
 
-def keep_weight(request, robust) -> float:
-    """λ_keep for this request: `harden_keep` when every target is an object, else
-    `harden_keep_attribute` (a colour or a style is drawn by body features every concept
-    shares: at λ 5 a style's stage cost a colour 0.11; an object's stage at λ 10 let star back
-    at 0.73 under the 4-token ladder rung, 0.29 at λ 5)."""
-    objects = all(t.kind == "object" for t in request.targets)
-    return robust.harden_keep if objects else robust.harden_keep_attribute
+def stage_recipe(request, robust) -> dict:
+    """Steps, λ_keep and ESD reference of this request's stage, by the kind of its targets.
+
+    An object: `harden_steps`, `harden_keep`, `harden_reference`. A colour: λ_keep
+    `harden_keep_attribute` (a colour is drawn by body features every concept shares: at λ 5
+    a style's stage cost a colour 0.11; an object's stage at λ 10 let star back at 0.73 under
+    the 4-token ladder rung, 0.29 at λ 5). A request naming a style: `harden_steps` ×
+    `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style` (a texture
+    comes back under 1000-step inversions after the object recipe: striped 0.88; DUGE's
+    2x / 20 / anchor: 0.17)."""
+    kinds = {t.kind for t in request.targets}
+    if "style" in kinds:
+        return {"steps": max(1, round(robust.harden_steps * robust.harden_style_factor)),
+                "keep": robust.harden_keep_style, "reference": robust.harden_reference_style}
+    keep = robust.harden_keep if kinds == {"object"} else robust.harden_keep_attribute
+    return {"steps": robust.harden_steps, "keep": keep, "reference": robust.harden_reference}
 
 
 def harden(ctx, robust) -> dict:
@@ -50,9 +59,9 @@ def harden(ctx, robust) -> dict:
     method's stage (which trains the group `ctx.train_group` named before)."""
     from ..methods.base import get_method
 
-    keep = keep_weight(ctx.request, robust)
-    esd = get_method("esd", variant="u", steps=robust.harden_steps, lr=robust.harden_lr,
-                     lambda_keep=keep, keep_reference="original", reference=robust.harden_reference,
+    recipe = stage_recipe(ctx.request, robust)
+    esd = get_method("esd", variant="u", steps=recipe["steps"], lr=robust.harden_lr,
+                     lambda_keep=recipe["keep"], keep_reference="original", reference=recipe["reference"],
                      lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
                      image_memory=robust.harden_image_memory,
                      image_t_high=robust.harden_image_t_high)
@@ -61,5 +70,5 @@ def harden(ctx, robust) -> dict:
     esd.prepare(ctx)
     stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed)
     ctx.restart(after)
-    return {"harden_keep": keep, "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
+    return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"], "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}

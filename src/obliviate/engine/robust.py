@@ -65,12 +65,13 @@ _RANGES = {
     "first_steps": (0, None, False), "harden_steps": (0, None, False), "share": (0, 1, True),
     "pool": (1, None, False), "prompts": (1, None, False), "batch_size": (1, None, False),
     "lr": (0, None, True), "harden_lr": (0, None, True), "harden_keep": (0, None, False),
-    "harden_keep_attribute": (0, None, False), "harden_image": (0, None, False),
+    "harden_keep_attribute": (0, None, False), "harden_keep_style": (0, None, False),
+    "harden_style_factor": (0, None, True), "harden_image": (0, None, False),
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
 }
 # Allowed values of each text setting.
-_CHOICES = {"harden_reference": ("empty", "anchor")}
+_CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor")}
 
 
 @dataclass
@@ -83,6 +84,9 @@ class Robust:
     harden_reference: str = "empty"
     harden_keep: float = 5.0
     harden_keep_attribute: float = 10.0
+    harden_keep_style: float = 10.0
+    harden_style_factor: float = 1.0
+    harden_reference_style: str = "empty"
     harden_image: float = 0.0
     harden_image_pairs: int = 64
     harden_image_memory: int = 0
