@@ -7,6 +7,8 @@ Distil negative guidance into θ: on x_t,
 replaced by its anchor instead of the empty prompt, ε_φ(x_t, c_anc, t): the guidance then
 pushes along target − anchor only, not along everything else the caption names (a
 "red striped star" against ∅ also pushes red and star away). Default "empty": the source.
+With `lambda_keep=5` and lr 3e-4 it removes star from `shapes-sd3` (UA 1.00, objects mean
+−0.01 to −0.04, seeds 0-1) where either alone fails (docs/experiments.md, session 19).
 ESD-x (`variant="x"`) trains cross-attention (styles), ESD-u (`"u"`) everything but
 cross-attention (objects); `"auto"` (default) picks u when every target is an object, as
 the reference recommends, and x otherwise.
