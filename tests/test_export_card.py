@@ -12,7 +12,7 @@ import torch
 from obliviate.cli import build_parser, main
 from obliviate.erase import erase
 from obliviate.ledger import Ledger
-from obliviate.pipeline import load_pipeline
+from obliviate.pipeline import load_pipeline, shipped_model_path
 from obliviate.request import Request
 from sd_tiny import save_tiny_sd
 
@@ -142,6 +142,11 @@ def test_every_output_folder_has_a_model_card(lineage, tmp_path):
     args = argparse.Namespace(model=str(lineage / "2"), judge=None, images_per_combo=1, seed=0)
     _update_card(SimpleNamespace(obliviate_source=str(lineage / "2")), result, args)
     assert "UA of red (1 − accuracy) | 0.500" in (lineage / "2" / "README.md").read_text()
+    # the package's own models are never written into: their cards keep the documented figures
+    shipped = shipped_model_path("shapes-sd3") / "README.md"
+    before = shipped.read_bytes()
+    _update_card(SimpleNamespace(obliviate_source=str(shipped.parent)), result, args)
+    assert shipped.read_bytes() == before
     card = (tmp_path / "rb" / "README.md").read_text()
     assert "UA of star (1 − accuracy) | 0.750" in card and "never-removed concepts, mean accuracy | 1.000" in card
     assert card.count("## Requests") == 1

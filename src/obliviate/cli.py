@@ -107,12 +107,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _update_card(pipe, result: dict, args: argparse.Namespace) -> None:
-    """Put the figures of a shapes-world evaluation into the evaluated folder's model card."""
+    """Put the figures of a shapes-world evaluation into the evaluated folder's model card
+    (not a shipped model's: its card keeps the documented protocol's figures)."""
     from .ledger import Ledger
     from .model_card import evaluation_text, update_evaluation
+    from .pipeline import is_shipped
 
     folder = Path(getattr(pipe, "obliviate_source", ""))
-    if args.judge or not folder.is_dir() or "per_concept" not in result:
+    if args.judge or not folder.is_dir() or "per_concept" not in result or is_shipped(folder):
         return
     ledger = Ledger.load(folder)
     command = "obliviate eval --model " + str(args.model) + f" --images-per-combo {args.images_per_combo} --seed {args.seed}"

@@ -66,6 +66,14 @@ def shipped_model_path(name: str) -> Path:
     return path
 
 
+def is_shipped(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is one of the models inside the package: those are read-only (their
+    cards hold the figures of the documented protocol; an installed package is not ours to
+    write into)."""
+    here = Path(folder).resolve()
+    return any(here == Path(str(resources.files("obliviate") / rel)).resolve() for rel in SHIPPED.values())
+
+
 def resolve_model(model: str | os.PathLike) -> Path | str:
     """Turn a model name into a local folder/file path, or return a hub id unchanged.
 
