@@ -4,9 +4,10 @@
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
 `harden_steps` steps at `harden_lr`, λ_keep by the target's kind (`stage_recipe`: 5 for
-objects, 10 for colours; a style twice the steps, λ 20, the anchor's reference). c_keep are prompts naming no removed concept but naming a concept of
-every removed kind (the memory bank, the preserve set); ε_0 is the lineage's original model
-(held to the model before the request instead, six hardened requests drifted). L_img is
+objects, 10 for colours; a style twice the steps, λ 20, the anchor's reference). c_keep are
+prompts naming no removed concept but naming a concept of every removed kind (the memory
+bank, the preserve set); ε_0 is the lineage's original model (held to the model before the
+request instead, six hardened requests drifted). L_img is
 ESD's paired-image term (`harden_image`, λ 2 for DUGE; 0 turns it off): noisy images of the
 target denoise to same-seed images of its anchor, kept concepts' images and
 `harden_image_memory` memory prompts' images to themselves. It holds a style (striped)
@@ -70,5 +71,6 @@ def harden(ctx, robust) -> dict:
     esd.prepare(ctx)
     stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed)
     ctx.restart(after)
-    return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"], "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
+    return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"],
+            "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}
