@@ -58,7 +58,7 @@ def save_pipeline(pipe, folder: Path) -> None:
 
 def shipped_model_path(name: str) -> Path:
     """Folder of a model shipped inside the package; clear error if it was never trained."""
-    path = Path(str(resources.files("obliviate") / SHIPPED[name]))
+    path = _package_folder(name)
     if not (path / "model_index.json").exists():
         raise ObliviateError(
             f"the shipped model {name!r} is missing at {path}; run `{SHIPPED_BUILD[name]}` to build it"
@@ -71,7 +71,12 @@ def is_shipped(folder: str | os.PathLike) -> bool:
     cards hold the figures of the documented protocol; an installed package is not ours to
     write into)."""
     here = Path(folder).resolve()
-    return any(here == Path(str(resources.files("obliviate") / rel)).resolve() for rel in SHIPPED.values())
+    return any(here == _package_folder(name).resolve() for name in SHIPPED)
+
+
+def _package_folder(name: str) -> Path:
+    """Where the shipped model `name` lives inside the installed package."""
+    return Path(str(resources.files("obliviate") / SHIPPED[name]))
 
 
 def resolve_model(model: str | os.PathLike) -> Path | str:
