@@ -405,6 +405,7 @@ def _sub(sub, name: str, help: str, example: str, description: str | None = None
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `obliviate` command (one sub-command per job)."""
+    from .engine.robust import Robust
     from .evaluate.attacks import ATTACKS
     from .methods.base import method_names
 
@@ -522,14 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ESD-u, held on what stays); other gradient methods mine soft prompts that bring the "
                         "target back and erase them too; uce solves RECE rounds (default: off)")
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
-                   help="a --robust setting, repeatable: harden_steps, harden_lr, harden_keep, harden_reference, "
-                        "harden_keep_attribute, harden_style_factor, harden_keep_style, harden_reference_style, "
-                        "harden_image, harden_image_pairs, harden_image_memory, harden_image_t_high, mining, every, "
-                        "mine_steps, first_steps, tokens, vary_tokens, pool, share, lr, batch_size, prompts, t_low, "
-                        "t_high "
+                   help=f"a --robust setting, repeatable: {', '.join(Robust.settings_keys())} "
                         "(default: the method's; duge: harden_steps=100, harden_keep=5 for objects, "
                         "harden_keep_attribute=10 for colours; a style: harden_style_factor=2 (200 steps), "
-                        "harden_keep_style=20, harden_reference_style=anchor; harden_image=2 (the paired-image term; "
+                        "harden_keep_style=10, harden_reference_style=anchor; harden_image=2 (the paired-image term; "
                         "0 turns it off), harden_image_pairs=64, harden_image_memory=64, mining=false)")
     r.set_defaults(func=_cmd_erase)
 

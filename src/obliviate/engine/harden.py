@@ -4,7 +4,7 @@
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
 `harden_steps` steps at `harden_lr`, λ_keep by the target's kind (`stage_recipe`: 5 for
-objects, 10 for colours; a style twice the steps, λ 20, the anchor's reference). c_keep are
+objects, 10 for colours; a style twice the steps, λ 10, the anchor's reference). c_keep are
 prompts naming no removed concept but naming a concept of every removed kind (the memory
 bank, the preserve set); ε_0 is the lineage's original model (held to the model before the
 request instead, six hardened requests drifted). L_img is
@@ -45,8 +45,10 @@ def stage_recipe(request, robust) -> dict:
     a style's stage cost a colour 0.11; an object's stage at λ 10 let star back at 0.73 under
     the 4-token ladder rung, 0.29 at λ 5). A request naming a style: `harden_steps` ×
     `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style` (a texture
-    comes back under 1000-step inversions after the object recipe: striped 0.88; DUGE's
-    2x / 20 / anchor: 0.17)."""
+    comes back under 1000-step inversions after the object recipe: striped 0.88; 2x / 20 /
+    anchor: 0.17; 2x / 10 / anchor: 0.10). DUGE's λ for a style is 10, not 20: held at 20
+    to the original model, a later style's stage undid an earlier object's hardening (star's
+    quick ladder after six requests 0.40 at 20, 0.17 at 10; docs/experiments.md, session 21)."""
     kinds = {t.kind for t in request.targets}
     if "style" in kinds:
         return {"steps": max(1, round(robust.harden_steps * robust.harden_style_factor)),
