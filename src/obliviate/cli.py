@@ -403,6 +403,18 @@ def _sub(sub, name: str, help: str, example: str, description: str | None = None
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _robust_defaults(method: str) -> str:
+    """The hardening settings `--robust` runs `method` with (Robust's defaults under the
+    method's own `robust_settings`), for the help text: read from the code, not restated."""
+    from .engine.robust import Robust
+    from .methods.base import REGISTRY, method_names
+
+    method_names()  # registers the methods
+    settings = Robust.checked(REGISTRY[method].robust_settings).settings()
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={str(v).lower()}"
+                     for k, v in settings.items() if k.startswith("harden") or k == "mining")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `obliviate` command (one sub-command per job)."""
     from .engine.robust import Robust
@@ -524,10 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "target back and erase them too; uce solves RECE rounds (default: off)")
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
                    help=f"a --robust setting, repeatable: {', '.join(Robust.settings_keys())} "
-                        "(default: the method's; duge: harden_steps=100, harden_keep=5 for objects, "
-                        "harden_keep_attribute=10 for colours; a style: harden_style_factor=2 (200 steps), "
-                        "harden_keep_style=10, harden_reference_style=anchor; harden_image=2 (the paired-image term; "
-                        "0 turns it off), harden_image_pairs=64, harden_image_memory=64, mining=false)")
+                        f"(default: the method's; duge: {_robust_defaults('duge')}; harden_image=0 turns "
+                        "the paired-image term off, a style gets harden_style_factor x the steps)")
     r.set_defaults(func=_cmd_erase)
 
     lg = _sub(sub, "ledger", "print a model's lineage", "obliviate ledger runs/2 --json")
