@@ -216,3 +216,26 @@ def test_duge_robust_hardens_the_body_on_every_family(tmp_path, monkeypatch, fam
     result = erase(pipe, Request(("square",)), method="uce", out=tmp_path / "uce", robust=True, progress=False)
     changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
     assert changed and all(RULES[family]["uce"](k) for k in changed) and result.stats["rece_rounds"] == 3
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_freezeasguard_and_finetuning_run_on_every_family(tmp_path, monkeypatch, family):
+    """FreezeAsGuard's mask is learned over the family's denoiser through its own training
+    loss (ε, or the flow velocity), and `obliviate finetune` (the relearning attack, and the
+    resurgence probe) honours it: frozen tensors keep their values, the others move."""
+    from obliviate.cli import main
+    from obliviate.methods.freeze_guard import GuardMask
+
+    base = tiny_base(tmp_path, monkeypatch, family)
+    denoiser = family_of(load_pipeline(base)).denoiser
+    assert main(["guard", "--model", str(base), "--concept", "star", "--legal", "circle", "--rho", "0.5",
+                 "--rounds", "1", "--images", "4", "--out", str(tmp_path / "g")]) == 0
+    mask = GuardMask.load(tmp_path / "g")
+    names = set(getattr(load_pipeline(base), denoiser).state_dict())
+    assert mask.frozen and set(mask.frozen) <= names and 0.5 <= mask.frozen_fraction < 1
+    assert main(["finetune", "--model", str(tmp_path / "g"), "--concepts", "star", "--images", "4",
+                 "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "f")]) == 0
+    before = getattr(load_pipeline(tmp_path / "g"), denoiser).state_dict()
+    after = getattr(load_pipeline(tmp_path / "f"), denoiser).state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in mask.frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in before if n not in mask.frozen)

@@ -290,6 +290,7 @@ def _training_data(pipe, folder: str | None, concepts: list[str] | None, n: int,
 def _cmd_guard(args: argparse.Namespace) -> None:
     from .checkpoint import atomic_folder
     from .ledger import Ledger, weights_sha256
+    from .families import family_of
     from .methods.freeze_guard import FreezeAsGuard
     from .model_card import write_card
     from .pipeline import load_pipeline, save_pipeline
@@ -300,6 +301,7 @@ def _cmd_guard(args: argparse.Namespace) -> None:
     legal = _training_data(pipe, args.legal_data, args.legal, args.images, args.seed + 1)
     guard = FreezeAsGuard(rho=args.rho, rounds=args.rounds, seed=args.seed)
     mask = guard.learn(pipe, illegal, legal)
+    denoiser = family_of(pipe).denoiser
     with atomic_folder(Path(args.out), overwrite=args.overwrite) as tmp:
         save_pipeline(pipe, tmp)
         info = Path(pipe.obliviate_source) / "obliviate.json"
@@ -310,13 +312,14 @@ def _cmd_guard(args: argparse.Namespace) -> None:
             ledger.save(tmp)
         mask.save(tmp)
         write_card(tmp, ledger, kind="guarded", weights_sha256=weights_sha256(pipe),
-                   extra={"Base model": str(args.model), "Guard": f"{len(mask.frozen)} UNet tensors frozen "
-                          f"({mask.frozen_fraction:.0%} of UNet parameters), rho {args.rho}"})
-    print(f"wrote {args.out}: {len(mask.frozen)} tensors frozen ({mask.frozen_fraction:.0%} of UNet parameters)")
+                   extra={"Base model": str(args.model), "Guard": f"{len(mask.frozen)} {denoiser} tensors frozen "
+                          f"({mask.frozen_fraction:.0%} of its parameters), rho {args.rho}"})
+    print(f"wrote {args.out}: {len(mask.frozen)} tensors frozen ({mask.frozen_fraction:.0%} of {denoiser} parameters)")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from .checkpoint import atomic_folder
+    from .families import family_of
     from .finetune import finetune
     from .ledger import weights_sha256
     from .model_card import write_card
@@ -338,7 +341,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         (tmp / "obliviate.json").write_text(json.dumps(info, indent=1))
         write_card(tmp, None, kind="finetuned", weights_sha256=weights_sha256(pipe),
                    extra={"Base model": str(args.model),
-                          "Fine-tuning": f"{stats['trained_tensors']} UNet tensors, {args.steps} steps at lr "
+                          "Fine-tuning": f"{stats['trained_tensors']} {family_of(pipe).denoiser} tensors, "
+                                         f"{args.steps} steps at lr "
                                          f"{args.lr}, guard mask {'honoured' if mask else 'not used'}; it leaves "
                                          "the lineage, so there is no ledger"})
     print(f"wrote {args.out}: loss {stats['loss_first']:.4f} -> {stats['loss_last']:.4f}, "
@@ -578,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is checked (default: the base recorded in the delta)")
     ex.set_defaults(func=_cmd_export)
 
-    gd = _sub(sub, "guard", "FreezeAsGuard: learn which UNet tensors to freeze",
+    gd = _sub(sub, "guard", "FreezeAsGuard: learn which denoiser tensors to freeze",
               "obliviate guard --model runs/1 --concept star --legal circle --out runs/1-guarded")
     gd.add_argument("--model", required=True, help=_MODEL_HELP + " (required)")
     gd.add_argument("--concept", action="append", help="illegal concept, shapes world, repeatable (default: none)")
@@ -586,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="legal concept to keep trainable, shapes world, repeatable (default: none)")
     gd.add_argument("--illegal-data", help="folder of captioned images of the illegal domain (default: none)")
     gd.add_argument("--legal-data", help="folder of captioned images of the legal domain (default: none)")
-    gd.add_argument("--rho", type=float, default=0.5, help="fraction of UNet parameters to freeze (default: 0.5)")
+    gd.add_argument("--rho", type=float, default=0.5, help="fraction of the denoiser's parameters to freeze (default: 0.5)")
     gd.add_argument("--rounds", type=int, default=8, help="mask-learning rounds (default: 8)")
     gd.add_argument("--images", type=int, default=64, help="rendered images per domain, shapes world (default: 64)")
     gd.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -594,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
     gd.set_defaults(func=_cmd_guard)
 
-    ft = _sub(sub, "finetune", "fine-tune a model's UNet, honouring its guard mask",
+    ft = _sub(sub, "finetune", "fine-tune a model's denoiser, honouring its guard mask",
               "obliviate finetune --model runs/1-guarded --concepts star --steps 100 --out runs/attacked")
     ft.add_argument("--model", required=True, help=_MODEL_HELP + " (required)")
     ft.add_argument("--data", help="folder of images with captions.json or .txt captions (default: none)")

@@ -1,9 +1,10 @@
-"""Plain fine-tuning of a model's UNet on (image, caption) data, optionally honouring a mask.
+"""Plain fine-tuning of a model's denoiser on (image, caption) data, optionally honouring a mask.
 
 This is what a user — or an attacker — does after a model is released: it is the lower
 level of FreezeAsGuard, the "relearning attack" a guard must withstand, and the resurgence
-probe of the evaluation. A frozen-tensor mask (`freeze`: names of UNet tensors) keeps those
-tensors at their released values.
+probe of the evaluation. A frozen-tensor mask (`freeze`: names of the denoiser's tensors)
+keeps those tensors at their released values. Every family: the loss is the family's own
+(ε or v on a DDPM schedule, the flow velocity for SD3 and Flux).
 
 Data: a folder of images with captions (`captions.json`: {"file.png": "caption"}, or a
 `.txt` beside each image), or, for the shapes world, a list of concepts to render.
@@ -69,57 +70,68 @@ def prompt_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def denoising_loss(unet, scheduler, x0: torch.Tensor, context: torch.Tensor,
-                   generator: torch.Generator, params: dict | None = None,
-                   t_range: tuple[int, int] | None = None) -> torch.Tensor:
-    """‖ε − ε_θ(x_t, c, t)‖² with ε and t (uniform in `t_range`, default all) drawn from
-    `generator`; with `params`, the UNet is called with those tensors in place of its own
-    (torch.func.functional_call)."""
+def denoising_loss(family, denoiser, scheduler, x0: torch.Tensor, cond, generator: torch.Generator,
+                   params: dict | None = None, t_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """‖y − f_θ(x_t, c, t)‖², the family's own training loss: x_t its noising of `x0`, y its
+    target (ε, v or the flow velocity ε − x_0), with ε and t (uniform in `t_range`, default
+    all) drawn from `generator`; `cond` a family `Conditioning`. With `params`, the denoiser
+    is called with those tensors in place of its own (FreezeAsGuard's mixed weights)."""
+    from .engine.frozen import WithParams
+
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     lo, hi = t_range or (0, scheduler.config.num_train_timesteps)
     t = torch.randint(lo, hi, (len(x0),), generator=generator).to(x0.device)
-    args = (scheduler.add_noise(x0, noise, t), t, context)
-    out = torch.func.functional_call(unet, params, args) if params is not None else unet(*args)
-    return (out.sample - noise).pow(2).mean()
+    net = denoiser if params is None else WithParams(denoiser, params)
+    pred = family.predict(net, family.add_noise(scheduler, x0, noise, t), t, cond)
+    return (pred - family.target(scheduler, x0, noise, t)).pow(2).mean()
+
+
+def encode_captions(pipe, captions: list[str]):
+    """The family's conditioning of `captions` by the pipeline's own text encoders, no
+    gradient: what fine-tuning and FreezeAsGuard train the denoiser on."""
+    from .families import family_of
+
+    with torch.no_grad():
+        return family_of(pipe).encode(pipe, list(captions), lambda name: getattr(pipe, name))
 
 
 def finetune(pipe, data: Captioned, steps: int = 100, lr: float = 1e-4, batch_size: int = 8,
              freeze: set[str] | frozenset = frozenset(), seed: int = 0, progress: bool = True) -> dict:
-    """Fine-tune `pipe.unet` in place on `data` with the denoising loss; `freeze` tensors stay.
+    """Fine-tune the pipeline's denoiser (UNet or transformer) in place on `data` with its
+    family's training loss; `freeze` tensors stay.
 
-    Returns the first and last losses. The text encoder and VAE are not trained.
+    Returns the first and last losses. The text encoders and VAE are not trained.
     """
-    from diffusers import DDPMScheduler
+    from .families import family_of
 
-    unet = pipe.unet
-    pipe.text_encoder.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
-    params = [p for n, p in unet.named_parameters() if n not in freeze]
+    family = family_of(pipe)
+    denoiser = getattr(pipe, family.denoiser)
+    for name in (*family.present_text_encoders(pipe), "vae"):
+        getattr(pipe, name).requires_grad_(False)
+    params = [p for n, p in denoiser.named_parameters() if n not in freeze]
     # Every tensor keeps requires_grad and frozen ones are simply left out of the optimiser:
     # switching it off for part of a layer (e.g. a GroupNorm's weight but not its bias, as
     # FreezeAsGuard masks do) crashed libtorch 2.13's CPU backward with a segfault.
-    unet.requires_grad_(True)
+    denoiser.requires_grad_(True)
     if not params:
-        raise ObliviateError("every UNet tensor is frozen; nothing to fine-tune")
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        raise ObliviateError(f"every {family.denoiser} tensor is frozen; nothing to fine-tune")
+    scheduler = family.training_scheduler(pipe)
     latents = encode_images(pipe, data.images)
-    ids = prompt_ids(pipe.tokenizer, data.captions)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    unet.train()
+    denoiser.train()
     for _ in tqdm(range(steps), desc="finetune", disable=not progress):
         idx = torch.randint(0, len(latents), (batch_size,), generator=generator)
-        with torch.no_grad():
-            context = pipe.text_encoder(ids[idx].to(pipe.device))[0]
-        loss = denoising_loss(unet, scheduler, latents[idx].to(pipe.device), context, generator)
+        cond = encode_captions(pipe, [data.captions[i] for i in idx.tolist()])
+        loss = denoising_loss(family, denoiser, scheduler, latents[idx].to(pipe.device), cond, generator)
         if not torch.isfinite(loss):
             raise ObliviateError("fine-tuning loss became non-finite; lower --lr")
-        unet.zero_grad(set_to_none=True)
+        denoiser.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    unet.zero_grad(set_to_none=True)
-    unet.eval().requires_grad_(False)
+    denoiser.zero_grad(set_to_none=True)
+    denoiser.eval().requires_grad_(False)
     return {"loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
             "steps": steps, "trained_tensors": len(params)}

@@ -19,18 +19,28 @@ from torch.func import functional_call
 LIGHT_BELOW = 0.5
 
 
-class FrozenView:
-    """Calls `module` with `saved` ({parameter name: φ's tensor}) in place of its own."""
+class WithParams:
+    """Calls `module` with `params` ({parameter name: tensor}) in place of its own
+    (torch.func.functional_call, gradients flowing to them); other attributes (`config`,
+    `dtype`) are the module's. FreezeAsGuard's mixed weights go through it."""
 
-    def __init__(self, module: nn.Module, saved: dict[str, torch.Tensor]):
-        self.module, self.saved = module, saved
+    def __init__(self, module: nn.Module, params: dict[str, torch.Tensor]):
+        self.module, self.saved = module, params
 
     def __call__(self, *args, **kwargs):
-        with torch.no_grad():
-            return functional_call(self.module, self.saved, args, kwargs, strict=False)
+        return functional_call(self.module, self.saved, args, kwargs, strict=False)
 
     def __getattr__(self, name):
         return getattr(self.module, name)
+
+
+class FrozenView(WithParams):
+    """Calls `module` with `saved` ({parameter name: φ's tensor}) in place of its own, under
+    no_grad."""
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return super().__call__(*args, **kwargs)
 
 
 def frozen_view(module: nn.Module, trained: set[str] | None) -> FrozenView | None:

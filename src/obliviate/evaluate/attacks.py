@@ -98,7 +98,9 @@ def check_attacks(attacks: list[str], budget: str = "quick") -> None:
         raise ObliviateError(f"--attack-budget {budget!r}: choose quick or full")
 
 
-WHITE_BOX = ("softprompt", "hardprompt", "conditioning", "resurgence")
+# the attacks that read one CLIP encoder's token embeddings (Stable Diffusion 1.x/2.x only);
+# resurgence fine-tunes through the family's own loss and runs on every family
+TEXT_PATH = ("softprompt", "hardprompt", "conditioning")
 
 
 def check_attacks_for(pipe, attacks: list[str]) -> None:
@@ -106,7 +108,7 @@ def check_attacks_for(pipe, attacks: list[str]) -> None:
     from ..families import family_of
 
     for a in attacks:
-        if a in WHITE_BOX:
+        if a in TEXT_PATH:
             family_of(pipe).check_text_attacks(f"the {a} attack")
 
 

@@ -85,6 +85,7 @@ def invert(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tens
     Adam on ‖ε − ε_θ(x_t, E(ids; v), t)‖². Gradients flow only to the vectors; the models'
     own parameters get none. Returns the final vectors, snapshots at the steps in
     `judge_at`, and the loss per step."""
+    from ..families import FAMILIES, Conditioning
     from ..finetune import denoising_loss
 
     vectors = vectors.detach().clone().requires_grad_(True)
@@ -93,8 +94,8 @@ def invert(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tens
     with soft_tokens(text_encoder, token_ids, vectors):
         for step in range(1, steps + 1):
             idx = torch.randint(0, len(latents), (batch_size,), generator=generator)
-            loss = denoising_loss(unet, scheduler, latents[idx], text_encoder(ids[idx])[0], generator,
-                                  t_range=t_range)
+            loss = denoising_loss(FAMILIES["sd"], unet, scheduler, latents[idx],
+                                  Conditioning(text_encoder(ids[idx])[0]), generator, t_range=t_range)
             (grad,) = torch.autograd.grad(loss, [vectors])
             vectors.grad = grad
             opt.step()

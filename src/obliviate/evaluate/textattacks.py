@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..families import FAMILIES, Conditioning
 from ..finetune import denoising_loss, prompt_ids
 from ..shapes import vocab
 from .softprompt import concept_data
@@ -160,7 +161,8 @@ def conditioning_attack(pipe, judge, concept: str, steps: int = 300, lr: float =
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
-        loss = denoising_loss(unet, sched, latents[idx], context[idx] + delta, gen, t_range=t_range)
+        loss = denoising_loss(FAMILIES["sd"], unet, sched, latents[idx], Conditioning(context[idx] + delta), gen,
+                              t_range=t_range)
         (delta.grad,) = torch.autograd.grad(loss, [delta])
         opt.step()
         losses.append(float(loss.detach()))

@@ -18,6 +18,10 @@ class Conditioning:
     states: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def rows(self, idx: torch.Tensor) -> "Conditioning":
+        """The conditioning of the batch rows `idx`."""
+        return Conditioning(self.states[idx], {k: v[idx] for k, v in self.extra.items()})
+
     def expand(self, n: int) -> "Conditioning":
         """A one-prompt conditioning repeated for a batch of `n` (e.g. the empty prompt)."""
         return Conditioning(self.states.expand(n, *self.states.shape[1:]),
@@ -43,8 +47,8 @@ class Family:
     denoiser = "unet"
     text_encoders: tuple[str, ...] = ("text_encoder",)
     tokenizers: tuple[str, ...] = ("tokenizer",)
-    # the white-box text attacks (soft prompt, hard prompt, conditioning), resurgence
-    # fine-tuning and --robust read one CLIP encoder and a plain UNet call
+    # the white-box text attacks (soft prompt, hard prompt, conditioning) and --robust's
+    # soft-prompt mining read one CLIP encoder and a plain UNet call
     text_attacks = True
     # parameter groups of the denoiser (engine.params): which tensor names each one takes
     denoiser_rules = {

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.data import encode_images
-from ..finetune import denoising_loss, prompt_ids
+from ..families import family_of
+from ..finetune import denoising_loss, encode_captions
 
 GUARD_FILE = "guard_mask.json"
 
@@ -66,10 +67,11 @@ class FreezeAsGuard:
     seed: int = 0
 
     def learn(self, pipe, illegal, legal, progress: bool = True) -> GuardMask:
-        """Learn the mask for `pipe.unet` from illegal and legal `Captioned` data."""
-        unet = pipe.unet
-        names = [n for n, _ in unet.named_parameters()]
-        pre = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        """Learn the mask for the pipeline's denoiser (UNet or transformer) from illegal and
+        legal `Captioned` data."""
+        denoiser = getattr(pipe, family_of(pipe).denoiser)
+        names = [n for n, _ in denoiser.named_parameters()]
+        pre = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
         sizes = torch.tensor([pre[n].numel() for n in names], dtype=torch.float32)
         logits = torch.zeros(len(names), requires_grad=True)
         mask_opt = torch.optim.Adam([logits], lr=self.mask_lr)
@@ -99,18 +101,13 @@ class FreezeAsGuard:
                          {n: float(scores[i]) for i, n in enumerate(names)})
 
     def _encode(self, pipe, data) -> dict:
-        ids = prompt_ids(pipe.tokenizer, data.captions)
-        with torch.no_grad():
-            context = pipe.text_encoder(ids.to(pipe.device))[0]
-        return {"latents": encode_images(pipe, data.images), "context": context}
+        return {"latents": encode_images(pipe, data.images), "cond": encode_captions(pipe, data.captions)}
 
     def _loss(self, pipe, params: dict, data: dict, gen: torch.Generator) -> torch.Tensor:
-        from diffusers import DDPMScheduler
-
-        sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        family = family_of(pipe)
         idx = torch.randint(0, len(data["latents"]), (self.batch_size,), generator=gen)
-        return denoising_loss(pipe.unet, sched, data["latents"][idx].to(pipe.device),
-                              data["context"][idx], gen, params=params)
+        return denoising_loss(family, getattr(pipe, family.denoiser), family.training_scheduler(pipe),
+                              data["latents"][idx].to(pipe.device), data["cond"].rows(idx), gen, params=params)
 
     def _simulate_finetune(self, pipe, pre, names, data, gen) -> dict[str, torch.Tensor]:
         ft = {n: pre[n].clone().requires_grad_(True) for n in names}
