@@ -184,3 +184,33 @@ def test_real_model_eval_with_a_clip_judge(tmp_path, capsys, family):
     assert all(0 <= v["accuracy"] <= 1 and v["n"] == 3 for v in result["per_concept"].values())
     assert main(["eval", "--model", str(base), "--judge", f"clip:{tmp_path / 'nope'}", "--concepts", "x"]) == 2
     assert "no CLIP model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_bench_on_a_real_model_with_a_clip_judge(tmp_path, capsys, monkeypatch, family):
+    """`bench --judge clip:FOLDER` runs a free-text sequence on a model of any family and
+    reports every target's UA and what stays; what it cannot do is refused before any work."""
+    from obliviate.cli import main
+    from sd_tiny import save_tiny
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    base = save_tiny(tmp_path / family, family)
+    judge = f"clip:{_tiny_clip(tmp_path / 'clip')}"
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(base), "--methods", "uce", "--sequence", "a castle,a dog",
+                 "--judge", judge, "--concepts", "a tree", "--images-per-concept", "2",
+                 "--json", str(out), "--work", str(tmp_path / "w")]) == 0
+    result = json.loads(out.read_text())
+    assert [r["removed"] for r in result["rows"]] == ["a castle", "a dog"]
+    assert set(result["rows"][-1]["ua"]) == {"a castle", "a dog"}
+    assert set(result["base"]["per_concept"]) == {"a castle", "a dog", "a tree"}
+    assert 0 <= result["rows"][-1]["per_concept"]["a tree"] <= 1
+    for extra, says in ((["--concepts", "a castle"], "must stay"), ([], "must stay"),
+                        (["--concepts", "a tree", "--attacks", "softprompt"], "drop --attacks"),
+                        (["--concepts", "a tree", "--images-per-concept", "0"], "at least 1")):
+        capsys.readouterr()
+        assert main(["bench", "--model", str(base), "--methods", "uce", "--sequence", "a castle",
+                     "--judge", judge, *extra, "--work", str(tmp_path / "no")]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["bench", "--methods", "uce", "--concepts", "a tree", "--work", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()

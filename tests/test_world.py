@@ -75,12 +75,3 @@ def test_memory_prompts_can_leave_no_kind_free():
     every_colour = {c.name for c in vocab.BY_KIND["colour"]}
     got = shapes.memory_prompts(every_colour, 50, rng, named={"colour", "style"})
     assert not any(c in p for p in got for c in every_colour)
-
-
-def test_relatives_are_the_removed_concepts_neighbours_that_stay():
-    # what --robust's `harden_image_relatives` holds: cross stays after star's removal, and a
-    # neighbour removed itself (striped after dotted) is never asked for again
-    shapes = ShapesWorld()
-    assert shapes.relatives({"star"}) == ["cross"]
-    assert shapes.relatives({"star", "cross"}) == []
-    assert shapes.relatives({"striped", "dotted", "red"}) == ["magenta"]

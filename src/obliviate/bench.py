@@ -48,16 +48,17 @@ SEQUENCES = {
 DEFAULT_SEQUENCE = SEQUENCES["friendly"]
 
 
-def resolve_sequence(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+def resolve_sequence(spec: str | list[str] | tuple[str, ...], free: bool = False) -> list[str]:
     """A preset name (friendly, neighbours, long) or a comma list of concepts, checked: known
-    concepts of the shapes world, each once. One-line error otherwise."""
+    concepts of the shapes world (any text with `free`, a real model judged by --judge), each
+    once. One-line error otherwise."""
     if isinstance(spec, str):
-        spec = SEQUENCES.get(spec.strip(), [c.strip() for c in spec.split(",") if c.strip()])
+        spec = (None if free else SEQUENCES.get(spec.strip())) or [c.strip() for c in spec.split(",") if c.strip()]
     names = list(spec)
     if not names:
         raise ObliviateError(f"--sequence is empty; give {', '.join(SEQUENCES)} or a comma list of concepts")
     unknown = [c for c in names if c not in vocab.CONCEPTS]
-    if unknown:
+    if unknown and not free:
         raise ObliviateError(f"--sequence: {unknown[0]!r} is neither a preset ({', '.join(SEQUENCES)}) nor a "
                              f"concept of the shapes world")
     if len(set(names)) != len(names):
@@ -75,21 +76,28 @@ def check_seeds(seeds) -> list[int]:
 
 
 def _retained(metrics: dict, base: dict, removed: list[str], sequence: list[str]) -> dict:
-    kinds_removed = {vocab.concept(c).kind for c in removed}
+    kinds_removed = {metrics["per_concept"][c]["kind"] for c in removed}
     kept = [c for c in metrics["per_concept"] if c not in sequence]
     in_domain = [c for c in kept if metrics["per_concept"][c]["kind"] in kinds_removed]
     cross = [c for c in kept if metrics["per_concept"][c]["kind"] not in kinds_removed]
     acc = lambda names, m: float(np.mean([m["per_concept"][c]["accuracy"] for c in names])) if names else float("nan")  # noqa: E731
+    before = acc(kept, base)  # 0 where the base model never draws them (a real model's judge can say so)
     return {"ira": acc(in_domain, metrics), "cra": acc(cross, metrics), "retained": acc(kept, metrics),
-            "retained_ratio": acc(kept, metrics) / acc(kept, base)}
+            "retained_ratio": acc(kept, metrics) / before if before > 0 else float("nan")}
 
 
 def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", images_per_combo: int = 2,
               attacks: list[str] = (), work: Path | None = None, save: str = "delta",
               options: dict | None = None, grid_images: int = 8, progress: bool = True,
               attack_targets: str = "all", attack_when: str = "removal", attack_budget: str = "quick",
-              seeds: tuple[int, ...] = (0,)) -> dict:
+              seeds: tuple[int, ...] = (0,), judge: str | None = None, concepts: tuple[str, ...] = (),
+              images_per_concept: int = 8) -> dict:
     """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids).
+
+    A real model (any family) is judged with `judge` (`clip:FOLDER` or `classifier:FOLDER`):
+    the sequence is free text, and `concepts` are the concepts that must stay, each measured
+    on `images_per_concept` images with the targets (external_judges.evaluate_concepts); the
+    attacks and picture grids need the shapes world and are not run.
 
     With several `seeds`, every method runs the whole sequence once per erase seed: `rows`
     (what the table and the report's curves show) are the first seed's, `runs` holds every
@@ -98,8 +106,9 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     erosion of one never-removed concept is visible, not averaged away.
     """
     # bad arguments fail here, before any model is loaded or image generated
-    sequence = resolve_sequence(sequence)
+    sequence = resolve_sequence(sequence, free=judge is not None)
     seeds = check_seeds(seeds)
+    kept_free = _check_free_judging(judge, concepts, images_per_concept, attacks, sequence)
     attacked = _attack_targets(attack_targets, list(sequence))
     if attack_when not in ("removal", "final"):
         raise ObliviateError(f"--attack-when {attack_when!r}: choose removal or final")
@@ -116,15 +125,29 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
         m = get_method(name, **(_method_options(options, method) or {}))
         if trains_soft_prompts(m, Robust.checked(m.robust_settings)):
             family_of(base_pipe).check_text_attacks(f"--robust on {name} (it learns soft prompts)")
-    judge = load_judge(base_pipe)
-    base = evaluate_model(base_pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
-                          keep_images=True)
-    related = {c: next((r for r in vocab.CONCEPTS[c].related if r not in sequence), None) for c in sequence}
+    if judge is None:
+        shapes_judge = load_judge(base_pipe)
+
+        def measure(p):
+            return evaluate_model(p, images_per_combo=images_per_combo, progress=False, judge=shapes_judge,
+                                  keep_images=True)
+        related = {c: next((r for r in vocab.CONCEPTS[c].related if r not in sequence), None) for c in sequence}
+    else:
+        from .evaluate.external_judges import evaluate_concepts, load_external_judge
+
+        external = load_external_judge(judge)
+
+        def measure(p):
+            return evaluate_concepts(p, external, [*sequence, *kept_free], images_per_concept=images_per_concept)
+        related = {c: None for c in sequence}
+    base = measure(base_pipe)
 
     def grid(metrics, concept):
         """Pictures for the report, taken from the evaluation's own images (no extra
         generation): `grid_images` of the prompts naming `concept`, spread over the set,
-        and as many naming its related concept."""
+        and as many naming its related concept (none for a real model's free-text judging)."""
+        if "generated" not in metrics:
+            return {}
         images, labels = metrics.pop("generated"), metrics.pop("labels")
 
         def naming(c):
@@ -136,9 +159,8 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             out[f"related:{concept}"] = naming(related[concept])
         return out
 
-    before = {"generated": base["generated"], "labels": base["labels"]}
+    before = {k: base.pop(k) for k in ("generated", "labels") if k in base}
     grids = {"before": {k: v for c in sequence for k, v in grid(dict(before), c).items()}}
-    base.pop("generated"), base.pop("labels")
     runs, attack_results = {seed: [] for seed in seeds}, {}
     bar = tqdm(total=len(methods) * len(sequence) * len(seeds), desc="bench", disable=not progress)
     for method, seed in ((m, s) for m in methods for s in seeds):
@@ -152,8 +174,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             result = erase(pipe, Request((concept,)), method=name, out=out, save=save, seed=seed,
                            options=_method_options(options, method),
                            refresh=plugin == "refresh", robust=plugin == "robust", progress=False)
-            metrics = evaluate_model(pipe, images_per_combo=images_per_combo, progress=False, judge=judge,
-                                     keep_images=True)
+            metrics = measure(pipe)
             pictures = grid(metrics, concept)
             removed = list(sequence[:step])
             runs[seed].append({
@@ -161,7 +182,8 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
                 "ua": {c: 1 - metrics["per_concept"][c]["accuracy"] for c in removed},
                 **_retained(metrics, base, removed, list(sequence)),
                 "per_concept": {c: v["accuracy"] for c, v in metrics["per_concept"].items()},
-                "accuracy": metrics["accuracy"], "fid": metrics["fid"],
+                "accuracy": metrics["accuracy"],
+                "fid": float("nan") if metrics["fid"] is None else metrics["fid"],  # none without the shapes judge
                 "seconds": result.entry.seconds, "peak_memory_mb": result.entry.peak_memory_mb,
                 "bytes_stored": result.entry.bytes_stored, "model": str(out),
             })
@@ -178,7 +200,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
                 now = attacked if step == len(sequence) else []
             if attacks and now:
                 bar.set_postfix(method=method, request=f"attacks on {','.join(now)}")
-                found = run_attacks(pipe, judge, now, list(attacks), removed=removed, budget=attack_budget,
+                found = run_attacks(pipe, shapes_judge, now, list(attacks), removed=removed, budget=attack_budget,
                                     original=base_pipe if attack_budget == "full" else None)
                 for c in found:
                     found[c]["after_request"] = step
@@ -191,6 +213,27 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             "images_per_combo": images_per_combo, "attack_targets": attacked, "attack_when": attack_when,
             "base": base, "seeds": seeds, "rows": runs[seeds[0]], "runs": runs,
             "attacks": attack_results, "grids": grids}
+
+
+def _check_free_judging(judge, concepts, images_per_concept, attacks, sequence) -> list[str]:
+    """With --judge: the judge folder, the concepts that must stay (not a target), the image
+    count, and no attacks, checked before anything loads; returns the kept concepts."""
+    if judge is None:
+        if concepts:
+            raise ObliviateError("--concepts is for real models judged with --judge clip:FOLDER or classifier:FOLDER")
+        return []
+    from .evaluate.external_judges import check_judge
+
+    check_judge(judge)
+    kept = [c for c in concepts if c not in sequence]
+    if not kept:
+        raise ObliviateError("bench --judge needs concepts that must stay, besides the sequence: --concepts a,b,c")
+    if not isinstance(images_per_concept, int) or images_per_concept < 1:
+        raise ObliviateError(f"--images-per-concept must be at least 1, not {images_per_concept!r}")
+    if attacks:
+        raise ObliviateError("bench --judge measures removal and what stays; the attacks need the shapes world's "
+                             "judge: drop --attacks")
+    return kept
 
 
 def never_removed(result: dict) -> list[str]:

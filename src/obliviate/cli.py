@@ -369,7 +369,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                        attacks=args.attacks.split(",") if args.attacks else [],
                        work=Path(args.work) if args.work else None, options=options,
                        attack_targets=args.attack_targets, attack_when=args.attack_when,
-                       attack_budget=args.attack_budget)
+                       attack_budget=args.attack_budget, judge=args.judge,
+                       concepts=[c.strip() for c in (args.concepts or "").split(",") if c.strip()],
+                       images_per_concept=args.images_per_concept)
     print(table(result))
     if args.json:
         out = Path(args.json)
@@ -639,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--attack-when", default="removal", choices=("removal", "final"),
                    help="attack each target right after the request that removed it (removal, default) "
                         "or on the model after the last request (final)")
+    b.add_argument("--judge", help="for real models (any family): clip:FOLDER or classifier:FOLDER; --sequence is "
+                                   "then free text, e.g. 'van gogh,picasso' (default: the shipped judge, shapes "
+                                   "world only)")
+    b.add_argument("--concepts", help="with --judge: comma list of concepts that must stay (default: none)")
+    b.add_argument("--images-per-concept", type=int, default=8,
+                   help="with --judge: images per concept after each request (default: 8)")
     b.add_argument("--set", action="append", metavar="METHOD:KEY=VALUE",
                    help="method option for one method, repeatable (default: the method's)")
     b.add_argument("--json", help="write the results to this JSON file (default: print only)")

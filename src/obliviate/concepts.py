@@ -42,11 +42,6 @@ class ConceptWorld:
     def default_preserve(self, target: Target, avoid: set[str]) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
-    def relatives(self, removed: set[str]) -> list[str]:
-        """The declared close neighbours of the removed concepts that are not removed
-        themselves: what a later request must take care not to move. None in free text."""
-        return []
-
     def prompt_pairs(self, target: Target, anchor: str, n: int, rng: np.random.Generator, synonyms: bool = False,
                      avoid: set[str] = frozenset()) -> list[tuple[str, str]]:  # pragma: no cover
         raise NotImplementedError
@@ -91,9 +86,6 @@ class ShapesWorld(ConceptWorld):
         """Every other concept of the target's kind that has not been removed."""
         return [c.name for c in vocab.BY_KIND[target.kind]
                 if c.name != target.name and c.name not in avoid]
-
-    def relatives(self, removed):
-        return sorted({r for name in removed for r in vocab.concept(name).related} - set(removed))
 
     def prompt_pairs(self, target, anchor, n, rng, synonyms=False, avoid=frozenset()):
         """`n` (target prompt, anchor prompt) pairs: the same caption with the target's word

@@ -67,7 +67,6 @@ def harden(ctx, robust) -> dict:
                      lambda_keep=recipe["keep"], keep_reference="original", reference=recipe["reference"],
                      lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
                      image_memory=robust.harden_image_memory,
-                     image_relatives=robust.harden_image_relatives,
                      image_t_high=robust.harden_image_t_high)
     after = ctx.train_group
     ctx.restart(esd.param_group)

@@ -68,7 +68,6 @@ _RANGES = {
     "harden_keep_attribute": (0, None, False), "harden_keep_style": (0, None, False),
     "harden_style_factor": (0, None, True), "harden_image": (0, None, False),
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
-    "harden_image_relatives": (0, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
 }
 # Allowed values of each text setting.
@@ -91,7 +90,6 @@ class Robust:
     harden_image: float = 0.0
     harden_image_pairs: int = 64
     harden_image_memory: int = 0
-    harden_image_relatives: int = 0
     harden_image_t_high: int = 1000
     every: int = 10
     mine_steps: int = 20

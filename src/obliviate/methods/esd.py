@@ -34,9 +34,6 @@ inversion of the target then finds no conditioning that denoises its images well
 `image_memory=M` adds M memory prompts (naming no removed concept, a concept of every
 removed kind) to the held images: held only to same-kind concepts, a colour no request
 named drifted over three requests (blue 0.85 of the shipped model's).
-`image_relatives=R` adds R prompts naming each declared neighbour of a removed concept that
-stays (cross for star), so that a later request's stage does not move an earlier target's
-neighbour (an option: docs/experiments.md, session 22).
 `lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
 the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
@@ -79,7 +76,6 @@ class ESD(Method):
     image_t_high: int = 1000
     image_snr_cap: float = 5.0
     image_memory: int = 0
-    image_relatives: int = 0
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -166,8 +162,6 @@ class ESD(Method):
                 for _, p in ctx.world.prompt_pairs(t, c, max(1, self.image_pairs // 2), rng, avoid=removed)]
         if self.image_memory:
             held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=removed_kinds)
-        for c in ctx.world.relatives(removed) if self.image_relatives else ():
-            held += ctx.world.prompts_naming(c, self.image_relatives, rng, removed)
         drawn = ctx.base_latents
         self._images = {"prompts": forget, "anchor_prompts": anchor, "latents": drawn(forget),
                         "anchor_latents": drawn(anchor)}
