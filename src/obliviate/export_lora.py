@@ -11,15 +11,17 @@ out and reported with their share of the energy. Choice: biases are left out alt
 has `lora_bias`, because a model with it cannot be fused (`pipe.fuse_lora`) where a targeted
 layer has no bias, and kohya files have no bias key; their energy is reported.
 
-Formats: `lora` writes `pytorch_lora_weights.safetensors` through diffusers' own
-`save_lora_weights`: UNet keys in peft naming (`unet.<module>.lora_A.weight`, `.lora_B.weight`),
+Formats: `lora` writes `pytorch_lora_weights.safetensors` through the family pipeline's own
+`save_lora_weights` (SD, SDXL, SD3, Flux: the denoiser and the CLIP encoders its loader
+takes; a T5 encoder's change is reported as left out): denoiser keys in peft naming
+(`unet.<module>.lora_A.weight`, `.lora_B.weight`; `transformer.` for SD3 and Flux),
 text-encoder keys in diffusers' text-encoder naming
 (`text_encoder.text_model.<module>.lora_linear_layer.down.weight`, `.up.weight`), which
 diffusers 0.42 converts for every layer, where its peft-named path knows only the attention
 projections and refuses an MLP-only (fewshot-te) text-encoder LoRA. `kohya` writes one file
 in the naming A1111 and ComfyUI load (diffusers loads it too):
 `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`
-(`lora_te_text_model_...` for the text encoder). diffusers 0.42 misread a kohya file's
+(`lora_te_text_model_...` for the text encoder), Stable Diffusion 1.x/2.x only. diffusers 0.42 misread a kohya file's
 self-attention alphas when ranks differed between layers (seen on the tiny test pipeline), so
 a file meant for diffusers should use a fixed `--rank`; A1111 and ComfyUI read each alpha.
 """
@@ -37,14 +39,17 @@ from .errors import ObliviateError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FORMATS = ("lora", "kohya")
-_COMPONENTS = {"unet": "lora_unet", "text_encoder": "lora_te"}
+_KOHYA = {"unet": "lora_unet", "text_encoder": "lora_te"}  # kohya prefixes (Stable Diffusion 1.x/2.x)
+# the CLIP text encoders each family's diffusers LoRA loader takes (not T5: SD3's text_encoder_3, Flux's _2)
+LORA_TEXT_ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
+                      "sd3": ("text_encoder", "text_encoder_2"), "flux": ("text_encoder",)}
 
 
 @dataclass(frozen=True)
 class Factor:
     """One layer's change as a LoRA: weight ≈ base + up·down, and what it keeps."""
 
-    component: str  # "unet" or "text_encoder"
+    component: str  # the denoiser ("unet", "transformer") or a CLIP text encoder ("text_encoder", "_2")
     module: str  # module path inside the component, e.g. "down_blocks.0.attentions.0...to_k"
     down: torch.Tensor  # A: r × in (Linear) or r × in × k × k (Conv2d)
     up: torch.Tensor  # B: out × r (Linear) or out × r × 1 × 1 (Conv2d)
@@ -108,16 +113,28 @@ def truncated_factor(delta: torch.Tensor, rank: int | None, energy: float | None
 
 def lineage_factors(base, edited, rank: int | None = 16, energy: float | None = None
                     ) -> tuple[list[Factor], list[tuple[str, float]]]:
-    """Factor every changed Linear/Conv2d layer of `edited` relative to `base` (pipelines).
+    """Factor every changed Linear/Conv2d layer of `edited` relative to `base` (pipelines):
+    the denoiser's and those of the text encoders the family's LoRA loader takes.
 
-    Returns the factors and the changed tensors no LoRA layer carries, with their energy.
-    Raises ObliviateError if the VAE changed (no LoRA format carries it).
+    Returns the factors and the changed tensors no LoRA layer carries (a T5 encoder's among
+    them), with their energy. Raises ObliviateError if the VAE changed (no LoRA format carries it).
     """
+    from .families import family_of
+
+    family = family_of(edited)
+    carried = (family.denoiser, *LORA_TEXT_ENCODERS[family.name])
     if any(not torch.equal(a, b) for a, b in zip(base.vae.state_dict().values(),
                                                    edited.vae.state_dict().values())):
         raise ObliviateError("the lineage changed the VAE, which no LoRA format carries; use --format full")
     factors, left_out = [], []
-    for component in _COMPONENTS:
+    for component in family.components(edited):
+        if component == "vae":
+            continue
+        if component not in carried:
+            left_out += [(f"{component}.{n}", float((p.detach() - q.detach()).double().square().sum()))
+                         for (n, p), q in zip(getattr(edited, component).named_parameters(),
+                                              getattr(base, component).parameters()) if not torch.equal(p, q)]
+            continue
         base_params = dict(getattr(base, component).named_parameters())
         covered = set()
         for name, module in getattr(edited, component).named_modules():
@@ -130,7 +147,7 @@ def lineage_factors(base, edited, rank: int | None = 16, energy: float | None = 
             if not w_delta.any():
                 continue
             down, up, r, kept = truncated_factor(w_delta, rank, energy)
-            if component == "text_encoder" and not name.startswith("text_model."):
+            if component.startswith("text_encoder") and not name.startswith("text_model."):
                 name = f"text_model.{name}"  # the naming of every transformers version
             factors.append(Factor(component, name, down, up, r, kept, float(w_delta.double().square().sum())))
         for name, param in getattr(edited, component).named_parameters():
@@ -156,27 +173,24 @@ def _report(factors: list[Factor], left_out: list[tuple[str, float]], nbytes: in
 
 
 def peft_state_dicts(factors: list[Factor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Per component, the keys `save_lora_weights` prefixes with `unet.`/`text_encoder.`:
-    `<module>.lora_A.weight` = A and `.lora_B.weight` = B (UNet), or
-    `<module>.lora_linear_layer.down.weight` = A and `.up.weight` = B (text encoder)."""
-    names = {"unet": ("lora_A", "lora_B"), "text_encoder": ("lora_linear_layer.down", "lora_linear_layer.up")}
-    layers: dict[str, dict[str, torch.Tensor]] = {c: {} for c in _COMPONENTS}
+    """Per component, the keys `save_lora_weights` prefixes with the component's name:
+    `<module>.lora_A.weight` = A and `.lora_B.weight` = B (the denoiser), or
+    `<module>.lora_linear_layer.down.weight` = A and `.up.weight` = B (a text encoder)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
     for f in factors:
-        down, up = names[f.component]
-        layers[f.component][f"{f.module}.{down}.weight"] = f.down
+        down, up = (("lora_linear_layer.down", "lora_linear_layer.up") if f.component.startswith("text_encoder")
+                    else ("lora_A", "lora_B"))
+        layers.setdefault(f.component, {})[f"{f.module}.{down}.weight"] = f.down
         layers[f.component][f"{f.module}.{up}.weight"] = f.up
     return layers
 
 
-def write_peft_lora(factors: list[Factor], folder: Path) -> int:
-    """Write `folder/pytorch_lora_weights.safetensors` via diffusers' `save_lora_weights`;
-    returns the file's size in bytes."""
-    from diffusers import StableDiffusionPipeline
-
-    layers = peft_state_dicts(factors)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=layers["unet"] or None, text_encoder_lora_layers=layers["text_encoder"] or None,
-        weight_name=LORA_FILE, safe_serialization=True)
+def write_peft_lora(factors: list[Factor], folder: Path, pipeline_class) -> int:
+    """Write `folder/pytorch_lora_weights.safetensors` via the family pipeline's own
+    `save_lora_weights` (`unet_lora_layers` / `transformer_lora_layers`,
+    `text_encoder_lora_layers`, ...); returns the file's size in bytes."""
+    layers = {f"{c}_lora_layers": v for c, v in peft_state_dicts(factors).items()}
+    pipeline_class.save_lora_weights(folder, **layers, weight_name=LORA_FILE, safe_serialization=True)
     return (folder / LORA_FILE).stat().st_size
 
 
@@ -185,7 +199,7 @@ def kohya_state_dict(factors: list[Factor]) -> dict[str, torch.Tensor]:
     `.lora_up.weight` and `.alpha` (= r, so the runtime scale alpha/r is 1)."""
     state = {}
     for f in factors:
-        key = f"{_COMPONENTS[f.component]}_{f.module.replace('.', '_')}"
+        key = f"{_KOHYA[f.component]}_{f.module.replace('.', '_')}"
         state[f"{key}.lora_down.weight"] = f.down.contiguous()
         state[f"{key}.lora_up.weight"] = f.up.contiguous()
         state[f"{key}.alpha"] = torch.tensor(float(f.rank))
@@ -226,13 +240,13 @@ def export_lora(folder: str | Path, out: str | Path, fmt: str = "lora", rank: in
     edited = load_pipeline(folder)
     from .families import family_of
 
-    if family_of(edited).name != "sd":
-        raise ObliviateError(f"LoRA export is built for Stable Diffusion 1.x/2.x; {folder} is "
-                             f"{family_of(edited).name}, whose LoRA layout is not written yet: share the folder, "
-                             "or export it with --format full")
+    family = family_of(edited)
+    if fmt == "kohya" and family.name != "sd":
+        raise ObliviateError(f"--format kohya is written for Stable Diffusion 1.x/2.x; {folder} is {family.name}: "
+                             "export it with --format lora (diffusers' LoRA file, which its pipeline loads)")
     ledger.verify(edited, folder)
     base = load_pipeline(ledger.base)
-    if base.unet.state_dict().keys() != edited.unet.state_dict().keys():
+    if getattr(base, family.denoiser).state_dict().keys() != getattr(edited, family.denoiser).state_dict().keys():
         raise ObliviateError(f"{folder} and its base {ledger.base} have different architectures")
     factors, left_out = lineage_factors(base, edited, rank=rank, energy=energy)
     if dtype == "float16":
@@ -254,7 +268,7 @@ def export_lora(folder: str | Path, out: str | Path, fmt: str = "lora", rank: in
             raise
         return _report(factors, left_out, out.stat().st_size)
     with atomic_folder(out, overwrite=overwrite) as tmp:
-        nbytes = write_peft_lora(factors, tmp)
+        nbytes = write_peft_lora(factors, tmp, type(edited))
         report = _report(factors, left_out, nbytes)
         (tmp / "lora_report.json").write_text(json.dumps({
             **asdict(report), "settings": settings, "base": ledger.base,
