@@ -279,3 +279,19 @@ def test_a_lora_export_of_every_family_loads_in_its_diffusers_pipeline(tmp_path,
     assert checked > 10
     assert main(["export", str(tmp_path / "2"), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
     assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, cls", [
+    ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", "StableDiffusionPipeline"),
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "StableDiffusionXLPipeline"),
+    ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "StableDiffusion3Pipeline"),
+    ("double_blocks.0.img_attn.qkv.weight", "FluxPipeline")])
+def test_a_single_checkpoint_file_is_read_as_its_family_from_its_tensor_names(tmp_path, key, cls):
+    """A single .safetensors checkpoint (A1111/ComfyUI style) is loaded with the pipeline class
+    its tensor names belong to (it then needs that family's configs in the hub cache)."""
+    from safetensors.torch import save_file
+
+    from obliviate.pipeline import pipeline_class
+
+    save_file({key: torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    assert pipeline_class(tmp_path / "model.safetensors").__name__ == cls
