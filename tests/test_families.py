@@ -245,7 +245,7 @@ def test_a_lora_export_of_every_family_loads_in_its_diffusers_pipeline(tmp_path,
     """ESD-u (the denoiser's body) then fewshot-te (the text encoders' MLPs), exported at full
     rank as diffusers' LoRA file: the family's own pipeline loads and fuses it into the base
     and gets the edited weights back, except what the report says no LoRA carries (biases,
-    norms, a T5 encoder); kohya naming is refused in one line."""
+    norms, a T5 encoder); kohya naming is refused in one line; rollback restores step 1."""
     import json
 
     import diffusers
@@ -279,6 +279,9 @@ def test_a_lora_export_of_every_family_loads_in_its_diffusers_pipeline(tmp_path,
     assert checked > 10
     assert main(["export", str(tmp_path / "2"), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
     assert not (tmp_path / "k.safetensors").exists()
+    # rollback to step 1 gives step 1's weights back, as on Stable Diffusion
+    assert main(["rollback", str(tmp_path / "2"), "--to", "1", "--out", str(tmp_path / "back")]) == 0
+    assert weights_sha256(load_pipeline(tmp_path / "back")) == weights_sha256(load_pipeline(tmp_path / "1"))
 
 
 @pytest.mark.parametrize("key, cls", [
