@@ -21,9 +21,10 @@ diffusers 0.42 converts for every layer, where its peft-named path knows only th
 projections and refuses an MLP-only (fewshot-te) text-encoder LoRA. `kohya` writes one file
 in the naming A1111 and ComfyUI load (diffusers loads it too):
 `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`
-(`lora_te_text_model_...` for the text encoder), Stable Diffusion 1.x/2.x only. diffusers 0.42 misread a kohya file's
-self-attention alphas when ranks differed between layers (seen on the tiny test pipeline), so
-a file meant for diffusers should use a fixed `--rank`; A1111 and ComfyUI read each alpha.
+(`lora_te_text_model_...` for the text encoder), Stable Diffusion 1.x/2.x only. diffusers
+0.42 misread a kohya file's self-attention alphas when ranks differed between layers (seen on
+the tiny test pipeline), so a file meant for diffusers should use a fixed `--rank`; A1111 and
+ComfyUI read each alpha.
 """
 
 from __future__ import annotations
@@ -127,17 +128,10 @@ def lineage_factors(base, edited, rank: int | None = 16, energy: float | None = 
                                                    edited.vae.state_dict().values())):
         raise ObliviateError("the lineage changed the VAE, which no LoRA format carries; use --format full")
     factors, left_out = [], []
-    for component in family.components(edited):
-        if component == "vae":
-            continue
-        if component not in carried:
-            left_out += [(f"{component}.{n}", float((p.detach() - q.detach()).double().square().sum()))
-                         for (n, p), q in zip(getattr(edited, component).named_parameters(),
-                                              getattr(base, component).parameters()) if not torch.equal(p, q)]
-            continue
+    for component in (c for c in family.components(edited) if c != "vae"):
         base_params = dict(getattr(base, component).named_parameters())
-        covered = set()
-        for name, module in getattr(edited, component).named_modules():
+        covered = set()  # weights a LoRA layer carries (none where no loader takes the component)
+        for name, module in getattr(edited, component).named_modules() if component in carried else ():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
             if isinstance(module, torch.nn.Conv2d) and (module.groups != 1 or module.dilation != (1, 1)):
