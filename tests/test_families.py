@@ -298,3 +298,24 @@ def test_a_single_checkpoint_file_is_read_as_its_family_from_its_tensor_names(tm
 
     save_file({key: torch.zeros(2, 2)}, tmp_path / "model.safetensors")
     assert pipeline_class(tmp_path / "model.safetensors").__name__ == cls
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_robust_esd_runs_its_hardening_where_soft_prompts_cannot_be_mined(tmp_path, monkeypatch, family, capsys):
+    """--robust on a method that mines soft prompts is refused on a family without SD's text
+    path, and the one line names the settings that run it anyway (the hardening stage, no
+    soft prompt); with them ESD's request runs and hardens the body."""
+    from obliviate.cli import main
+
+    base = tiny_base(tmp_path, monkeypatch, family)
+    args = ["erase", "--model", str(base), "--method", "esd", "--concept", "star", "--robust", "--steps", "2",
+            "--batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--robust-set mining=false --robust-set harden_steps=100" in err
+    assert not (tmp_path / "no").exists()
+    assert main([*args, "--robust-set", "mining=false", "--robust-set", "harden_steps=2", "--robust-set",
+                 "harden_image_pairs=4", "--out", str(tmp_path / "yes")]) == 0
+    from obliviate.ledger import Ledger
+
+    assert Ledger.load(tmp_path / "yes").entries[-1].settings["robust"]["harden_steps"] == 2

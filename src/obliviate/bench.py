@@ -124,7 +124,8 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
         name = method.partition("+")[0]
         m = get_method(name, **(_method_options(options, method) or {}))
         if trains_soft_prompts(m, Robust.checked(m.robust_settings)):
-            family_of(base_pipe).check_text_attacks(f"--robust on {name} (it learns soft prompts)")
+            family_of(base_pipe).check_text_attacks(f"--robust on {name} (it learns soft prompts)",
+                                                    instead="bench it with duge+robust or uce+robust")
     if judge is None:
         shapes_judge = load_judge(base_pipe)
 

@@ -39,6 +39,10 @@ from .pipeline import DELTA_FILE, load_pipeline, save_pipeline
 from .request import Request
 from .resources import PeakMemory
 
+# what --robust on a method that mines soft prompts can do on a family without the SD text path
+ROBUST_WITHOUT_MINING = ("run --robust's hardening stage instead, which learns none: --robust-set mining=false "
+                         "--robust-set harden_steps=100")
+
 
 @dataclass(frozen=True)
 class EraseResult:
@@ -135,7 +139,8 @@ def erase(
         adversary = Robust.from_folder(Path(source) if source and Path(source).is_dir() else None,
                                        **{**m.robust_settings, **(robust if isinstance(robust, dict) else {})})
         if trains_soft_prompts(m, adversary):
-            family_of(pipe).check_text_attacks(f"--robust on {method} (it learns soft prompts)")
+            family_of(pipe).check_text_attacks(f"--robust on {method} (it learns soft prompts)",
+                                               instead=ROBUST_WITHOUT_MINING)
         if m.closed_form:
             if not hasattr(m, "apply_robust"):
                 raise ObliviateError(f"--robust: {method!r} is closed-form and has no robust variant")

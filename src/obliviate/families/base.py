@@ -154,10 +154,11 @@ class Family:
                 cond: Conditioning) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def check_text_attacks(self, what: str) -> None:
-        """One-line refusal of `what` (an attack or --robust) where the family lacks them."""
+    def check_text_attacks(self, what: str, instead: str = "use --attacks paraphrase") -> None:
+        """One-line refusal of `what` (an attack or --robust's soft-prompt mining) where the
+        family lacks them, saying what to do `instead`."""
         if not self.text_attacks:
             from ..errors import ObliviateError
 
             raise ObliviateError(f"{what} is built for Stable Diffusion 1.x/2.x (one CLIP text encoder) and not yet "
-                                 f"for {self.name}; use --attacks paraphrase, or a Stable Diffusion 1.x/2.x model")
+                                 f"for {self.name}; {instead}, or a Stable Diffusion 1.x/2.x model")
