@@ -111,6 +111,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build each family once, then time one request of each method on a fresh load of it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
