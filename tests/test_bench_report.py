@@ -75,7 +75,7 @@ def test_bench_repeats_over_seeds_and_shows_each_never_removed_concept(bench_res
         row = [r for r in runs[0] if r["method"] == e["method"]][-1]
         assert ratios["cross"][-1] == pytest.approx(row["per_concept"]["cross"] / base["cross"]["accuracy"])
     text = table(bench_result)
-    assert "never-removed accuracy / shipped model's" in text and "worst" in text and "mean" in text
+    assert "never-removed accuracy / the base model's" in text and "worst" in text and "mean" in text
     assert table(json.loads(to_json(bench_result))) == text  # a saved result prints the same
 
 

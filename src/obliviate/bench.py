@@ -286,7 +286,7 @@ def erosion_lines(result: dict) -> list[str]:
     lines = []
     for e in erosion(result):
         first = e["seeds"][0]
-        lines.append(f"{e['method']} (seed {first['seed']}): never-removed accuracy / shipped model's, after each request")
+        lines.append(f"{e['method']} (seed {first['seed']}): never-removed accuracy / the base model's, after each request")
         lines.append(f"{'k':>3} {'removed':<9} | " + " ".join(f"{c[:7]:>7}" for c in kept))
         for i, (step, removed) in enumerate(first["steps"]):
             lines.append(f"{step:>3} {removed:<9} | " + " ".join(f"{first['ratios'][c][i]:7.2f}" for c in kept))
