@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .checks import check_at_least
 from .engine.robust import Robust, trains_soft_prompts
 from .erase import erase
 from .evaluate.attacks import check_attacks, check_attacks_for, run_attacks
@@ -229,8 +230,7 @@ def _check_free_judging(judge, concepts, images_per_concept, attacks, sequence) 
     kept = [c for c in concepts if c not in sequence]
     if not kept:
         raise ObliviateError("bench --judge needs concepts that must stay, besides the sequence: --concepts a,b,c")
-    if not isinstance(images_per_concept, int) or images_per_concept < 1:
-        raise ObliviateError(f"--images-per-concept must be at least 1, not {images_per_concept!r}")
+    check_at_least("--images-per-concept", images_per_concept, 1)
     if attacks:
         raise ObliviateError("bench --judge measures removal and what stays; the attacks need the shapes world's "
                              "judge: drop --attacks")

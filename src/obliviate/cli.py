@@ -289,8 +289,8 @@ def _training_data(pipe, folder: str | None, concepts: list[str] | None, n: int,
 
 def _cmd_guard(args: argparse.Namespace) -> None:
     from .checkpoint import atomic_folder
-    from .ledger import Ledger, weights_sha256
     from .families import family_of
+    from .ledger import Ledger, weights_sha256
     from .methods.freeze_guard import FreezeAsGuard
     from .model_card import write_card
     from .pipeline import load_pipeline, save_pipeline

@@ -69,7 +69,9 @@ class FreezeAsGuard:
     def learn(self, pipe, illegal, legal, progress: bool = True) -> GuardMask:
         """Learn the mask for the pipeline's denoiser (UNet or transformer) from illegal and
         legal `Captioned` data."""
-        denoiser = getattr(pipe, family_of(pipe).denoiser)
+        family = family_of(pipe)
+        denoiser = getattr(pipe, family.denoiser)
+        model = (family, denoiser, family.training_scheduler(pipe))  # what every loss below runs on
         names = [n for n, _ in denoiser.named_parameters()]
         pre = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
         sizes = torch.tensor([pre[n].numel() for n in names], dtype=torch.float32)
@@ -78,12 +80,12 @@ class FreezeAsGuard:
         data = {k: self._encode(pipe, d) for k, d in (("illegal", illegal), ("legal", legal))}
         gen = torch.Generator().manual_seed(self.seed)
         for _ in tqdm(range(self.rounds), desc="guard", disable=not progress):
-            ft = self._simulate_finetune(pipe, pre, names, data, gen)
+            ft = self._simulate_finetune(model, pre, names, data, gen)
             for _ in range(self.mask_steps):
                 m = torch.sigmoid(logits / self.temperature)
                 mixed = {n: m[i] * pre[n] + (1 - m[i]) * ft[n] for i, n in enumerate(names)}
-                legal_loss = self._loss(pipe, mixed, data["legal"], gen)
-                illegal_loss = self._loss(pipe, mixed, data["illegal"], gen)
+                legal_loss = self._loss(model, mixed, data["legal"], gen)
+                illegal_loss = self._loss(model, mixed, data["illegal"], gen)
                 frac = (m * sizes).sum() / sizes.sum()
                 upper = legal_loss - self.lambda_illegal * illegal_loss + self.sparsity * (self.rho - frac) ** 2
                 mask_opt.zero_grad()
@@ -103,17 +105,19 @@ class FreezeAsGuard:
     def _encode(self, pipe, data) -> dict:
         return {"latents": encode_images(pipe, data.images), "cond": encode_captions(pipe, data.captions)}
 
-    def _loss(self, pipe, params: dict, data: dict, gen: torch.Generator) -> torch.Tensor:
-        family = family_of(pipe)
+    def _loss(self, model: tuple, params: dict, data: dict, gen: torch.Generator) -> torch.Tensor:
+        """The family's denoising loss of `model` (family, denoiser, training schedule) with
+        `params` in place of the denoiser's, on a batch of `data` drawn from `gen`."""
+        family, denoiser, scheduler = model
         idx = torch.randint(0, len(data["latents"]), (self.batch_size,), generator=gen)
-        return denoising_loss(family, getattr(pipe, family.denoiser), family.training_scheduler(pipe),
-                              data["latents"][idx].to(pipe.device), data["cond"].rows(idx), gen, params=params)
+        return denoising_loss(family, denoiser, scheduler, data["latents"][idx].to(denoiser.device),
+                              data["cond"].rows(idx), gen, params=params)
 
-    def _simulate_finetune(self, pipe, pre, names, data, gen) -> dict[str, torch.Tensor]:
+    def _simulate_finetune(self, model, pre, names, data, gen) -> dict[str, torch.Tensor]:
         ft = {n: pre[n].clone().requires_grad_(True) for n in names}
         opt = torch.optim.Adam(list(ft.values()), lr=self.inner_lr)
         for _ in range(self.inner_steps):
-            loss = self._loss(pipe, ft, data["illegal"], gen) + self._loss(pipe, ft, data["legal"], gen)
+            loss = self._loss(model, ft, data["illegal"], gen) + self._loss(model, ft, data["legal"], gen)
             opt.zero_grad()
             loss.backward()
             opt.step()
