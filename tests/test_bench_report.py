@@ -101,10 +101,11 @@ def test_bench_presets_and_bad_sequences():
 def test_bench_cli_refuses_a_bad_sequence_or_seed_before_any_work(tmp_path, capsys):
     from obliviate.cli import main
 
-    for extra in (["--sequence", "neighbors"], ["--seeds", "0,x"], ["--seeds", "1,1"]):
+    for extra in (["--sequence", "neighbors"], ["--seeds", "0,x"], ["--seeds", "1,1"],
+                  ["--robust-set", "harden_replay=2"], ["--methods", "duge+robust", "--robust-set", "harden_replay=x"]):
         assert main(["bench", "--methods", "uce", "--work", str(tmp_path / "w"), *extra]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and ("--sequence" in err or "--seeds" in err), err
+        assert len(err.splitlines()) == 1 and any(w in err for w in ("--sequence", "--seeds", "--robust")), err
     assert not (tmp_path / "w").exists()
 
 
@@ -214,3 +215,14 @@ def test_bench_on_a_real_model_with_a_clip_judge(tmp_path, capsys, monkeypatch, 
         assert says in capsys.readouterr().err
     assert main(["bench", "--methods", "uce", "--concepts", "a tree", "--work", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_bench_hands_robust_settings_to_every_robust_method(tmp_path, monkeypatch):
+    """`--robust-set` reaches the requests of a +robust method: the ledger records them."""
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    base = save_tiny_sd(tmp_path / "base", world="shapes")
+    result = run_bench(["duge+robust"], ["star"], model=str(base), images_per_combo=1, work=tmp_path / "work",
+                       options={"duge": {"steps": 2}}, grid_images=2, progress=False,
+                       robust_settings={"harden_steps": 2, "harden_image_pairs": 4, "harden_image_memory": 4})
+    entry = json.loads((Path(result["rows"][0]["model"]) / "ledger.json").read_text())["entries"][-1]
+    assert entry["settings"]["robust"]["harden_steps"] == 2 and entry["settings"]["robust"]["harden_image_memory"] == 4

@@ -183,6 +183,28 @@ def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch, robu
         assert torch.allclose(a, b, atol=1e-6), k
 
 
+def test_robust_replays_earlier_targets_and_the_lineage_keeps_their_soft_prompts(base, tmp_path):
+    """DUGE's --robust hardening replays every earlier target under soft prompts mined for it
+    on the weights being hardened; the pools are written beside the model, so the next
+    request goes on from each target's newest one (and a first request has none to write)."""
+    from safetensors.torch import load_file
+
+    from obliviate.engine.robust import PROMPTS_FILE
+
+    robust = {"harden_steps": 2, "harden_image_pairs": 4, "harden_image_memory": 0, "harden_replay": 2,
+              "harden_replay_every": 1, "first_steps": 2, "mine_steps": 1, "prompts": 4, "batch_size": 2}
+    model = base
+    for k, concept in enumerate(("van gogh", "monet", "picasso"), 1):
+        erase(load_pipeline(model), Request((concept,)), out=tmp_path / str(k), robust=robust, **FAST)
+        model = tmp_path / str(k)
+    assert not (tmp_path / "1" / PROMPTS_FILE).exists()
+    second, third = load_file(tmp_path / "2" / PROMPTS_FILE), load_file(tmp_path / "3" / PROMPTS_FILE)
+    assert {k.rpartition(".")[0] for k in second} == {"van gogh"}
+    assert {k.rpartition(".")[0] for k in third} == {"van gogh", "monet"}
+    assert len([k for k in third if k.startswith("van gogh.")]) > len([k for k in second if k.startswith("van gogh.")])
+    assert Ledger.load(tmp_path / "3").entries[-1].settings["robust"]["harden_replay"] == 2
+
+
 def test_attention_capture_does_not_change_the_unet(base):
     pipe = load_pipeline(base)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])

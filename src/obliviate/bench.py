@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .checks import check_at_least
-from .engine.robust import Robust, trains_soft_prompts
+from .engine.robust import Robust, method_settings, trains_soft_prompts
 from .erase import erase
 from .evaluate.attacks import check_attacks, check_attacks_for, run_attacks
 from .families import family_of
@@ -92,7 +92,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
               options: dict | None = None, grid_images: int = 8, progress: bool = True,
               attack_targets: str = "all", attack_when: str = "removal", attack_budget: str = "quick",
               seeds: tuple[int, ...] = (0,), judge: str | None = None, concepts: tuple[str, ...] = (),
-              images_per_concept: int = 8) -> dict:
+              images_per_concept: int = 8, robust_settings: dict | None = None) -> dict:
     """Run the sequential protocol; returns a JSON-able dict (rows, base, attacks, grids).
 
     A real model (any family) is judged with `judge` (`clip:FOLDER` or `classifier:FOLDER`):
@@ -104,7 +104,8 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     (what the table and the report's curves show) are the first seed's, `runs` holds every
     seed's rows, and `erosion(result)` the worst and mean over seeds. Grids and attacks come
     from the first seed. Every row keeps every concept's accuracy (`per_concept`), so the
-    erosion of one never-removed concept is visible, not averaged away.
+    erosion of one never-removed concept is visible, not averaged away. `robust_settings`
+    (`--robust-set`) go to every `+robust` method, over its own.
     """
     # bad arguments fail here, before any model is loaded or image generated
     sequence = resolve_sequence(sequence, free=judge is not None)
@@ -118,13 +119,17 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
         if method.partition("+")[2] not in ("", "refresh", "robust"):
             raise ObliviateError(f"bench method {method!r}: the plug-ins are +refresh and +robust "
                                  "(e.g. duge+robust)")
+    if robust_settings:
+        if not any(m.endswith("+robust") for m in methods):
+            raise ObliviateError("--robust-set needs a +robust method in --methods (e.g. duge+robust)")
+        Robust.checked(robust_settings)
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
     base_pipe = load_pipeline(model)
     check_attacks_for(base_pipe, list(attacks))
     for method in (m for m in methods if m.endswith("+robust")):
         name = method.partition("+")[0]
         m = get_method(name, **(_method_options(options, method) or {}))
-        if trains_soft_prompts(m, Robust.checked(m.robust_settings)):
+        if trains_soft_prompts(m, Robust.checked(method_settings(m, family_of(base_pipe), robust_settings))):
             family_of(base_pipe).check_text_attacks(f"--robust on {name} (it learns soft prompts)",
                                                     instead="bench it with duge+robust or uce+robust")
     if judge is None:
@@ -175,7 +180,8 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
             name, _, plugin = method.partition("+")
             result = erase(pipe, Request((concept,)), method=name, out=out, save=save, seed=seed,
                            options=_method_options(options, method),
-                           refresh=plugin == "refresh", robust=plugin == "robust", progress=False)
+                           refresh=plugin == "refresh", robust=plugin == "robust" and (robust_settings or True),
+                           progress=False)
             metrics = measure(pipe)
             pictures = grid(metrics, concept)
             removed = list(sequence[:step])

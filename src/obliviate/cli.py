@@ -371,7 +371,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                        attack_targets=args.attack_targets, attack_when=args.attack_when,
                        attack_budget=args.attack_budget, judge=args.judge,
                        concepts=[c.strip() for c in (args.concepts or "").split(",") if c.strip()],
-                       images_per_concept=args.images_per_concept)
+                       images_per_concept=args.images_per_concept,
+                       robust_settings=parse_options(args.robust_set or []))
     print(table(result))
     if args.json:
         out = Path(args.json)
@@ -543,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
                    help=f"a --robust setting, repeatable: {', '.join(Robust.settings_keys())} "
                         f"(default: the method's; duge: {_robust_defaults('duge')}; harden_image=0 turns "
-                        "the paired-image term off, a style gets harden_style_factor x the steps)")
+                        "the paired-image term off, a style gets harden_style_factor x the steps, harden_replay mines "
+                        "soft prompts for earlier targets: SD 1.x/2.x only, off elsewhere)")
     r.set_defaults(func=_cmd_erase)
 
     lg = _sub(sub, "ledger", "print a model's lineage", "obliviate ledger runs/2 --json")
@@ -649,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --judge: images per concept after each request (default: 8)")
     b.add_argument("--set", action="append", metavar="METHOD:KEY=VALUE",
                    help="method option for one method, repeatable (default: the method's)")
+    b.add_argument("--robust-set", action="append", metavar="KEY=VALUE",
+                   help="a --robust setting for every +robust method, repeatable (default: each method's; "
+                        "see obliviate erase --help)")
     b.add_argument("--json", help="write the results to this JSON file (default: print only)")
     b.add_argument("--report", help="folder for index.html and figures (default: none)")
     b.add_argument("--work", help="folder for the models of each step (default: a temporary folder)")

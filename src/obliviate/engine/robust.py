@@ -14,7 +14,9 @@ kept.
 
 Continual: the pool is written beside the model (`robust_prompts.safetensors`) and read
 back by the next request of the lineage; soft prompts of earlier targets are substituted in
-the method's replay of earlier targets (DUGE's rebound term), so they stay defended.
+the method's replay of earlier targets (DUGE's rebound term), so they stay defended. The
+hardening stage's replay of earlier targets (`harden_replay`, engine.harden) mines with a
+second Robust whose pools are these: they are kept in the lineage the same way.
 Choices and what they cost are in docs/experiments.md.
 """
 
@@ -56,7 +58,18 @@ def trains_soft_prompts(method, robust: "Robust") -> bool:
     family."""
     if method.closed_form:
         return getattr(method, "robust_mode", None) == "mined"
-    return robust.mining
+    return robust.mining or bool(robust.harden_steps and robust.harden_replay)
+
+
+def method_settings(method, family, given: dict | None = None) -> dict:
+    """`--robust`'s settings for `method` on a model of `family`: the method's own
+    `robust_settings` under the user's `given` ones. A method's default replay of earlier
+    targets mines soft prompts, which only a family with SD's text path can learn, so
+    elsewhere it is off unless `given` asks for it (and is then refused, in one line)."""
+    settings = {**method.robust_settings, **(given or {})}
+    if "harden_replay" not in (given or {}) and not family.text_attacks:
+        settings["harden_replay"] = 0
+    return settings
 
 
 # Allowed range of each numeric setting: (lowest, highest or None, whether lowest is excluded).
@@ -68,6 +81,7 @@ _RANGES = {
     "harden_keep_attribute": (0, None, False), "harden_keep_style": (0, None, False),
     "harden_style_factor": (0, None, True), "harden_image": (0, None, False),
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
+    "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
 }
 # Allowed values of each text setting.
@@ -90,6 +104,8 @@ class Robust:
     harden_image: float = 0.0
     harden_image_pairs: int = 64
     harden_image_memory: int = 0
+    harden_replay: int = 0
+    harden_replay_every: int = 50
     harden_image_t_high: int = 1000
     every: int = 10
     mine_steps: int = 20
@@ -161,9 +177,10 @@ class Robust:
             raise ObliviateError(f"--robust needs a method that declares its forget prompts; "
                                  f"{method.name!r} does not (use duge, esd, doco, rgd or fewshot-te)")
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx, mine_for: list[str] | None = None) -> None:
         """Training data of every target the lineage has removed (this request's too): what the
-        original model draws for prompts naming it, the captions with the word as a slot."""
+        original model draws for prompts naming it, the captions with the word as a slot.
+        `mine` attacks the targets `mine_for` names (default: this request's)."""
         rng = np.random.default_rng(ctx.seed + 17)
         self._slots = _slots(ctx.tokenizer)
         for name in ctx.removed:
@@ -171,7 +188,7 @@ class Robust:
             pattern = _word(name)
             captions = [put(pattern, "{}", p) for p in prompts]
             self._data[name] = {"latents": ctx.base_latents(prompts), "captions": captions}
-        self._current = list(ctx.request.names)
+        self._current = list(ctx.request.names) if mine_for is None else list(mine_for)
 
     # -- mining ------------------------------------------------------------------------------
     def mine(self, ctx, step: int) -> None:

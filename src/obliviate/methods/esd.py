@@ -34,6 +34,10 @@ inversion of the target then finds no conditioning that denoises its images well
 `image_memory=M` adds M memory prompts (naming no removed concept, a concept of every
 removed kind) to the held images: held only to same-kind concepts, a colour no request
 named drifted over three requests (blue 0.85 of the shipped model's).
+`image_replay=R` replays the term for every target of the lineage's earlier requests (R
+pairs each, to its recorded anchor) in a half-batch of its own; `--robust`'s hardening puts
+soft prompts mined for those targets in its captions (engine.harden). Replayed under their
+own captions only, it did not hold star over six requests (docs/experiments.md, session 20).
 `lora_rank=R` trains rank-R LoRA adapters on the same layers instead (engine.lora), so that
 the edit exports to a rank-R LoRA file exactly (ESD-u's dense change does not fit rank 16).
 Choice: x_t comes from forward-noising φ's own generations of the target prompts (cached)
@@ -76,6 +80,7 @@ class ESD(Method):
     image_t_high: int = 1000
     image_snr_cap: float = 5.0
     image_memory: int = 0
+    image_replay: int = 0
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -143,6 +148,8 @@ class ESD(Method):
             terms["image"] = self.lambda_image * self._x0_error(ctx, batch["image"], "anchor_latents")
         if "held" in batch:
             terms["held"] = self.lambda_image * self._x0_error(ctx, batch["held"], "latents")
+        if "replay" in batch:
+            terms["replay"] = self.lambda_image * self._x0_error(ctx, batch["replay"], "anchor_latents")
         return terms
 
     # -- the paired-image term (--robust's hardening) -------------------------------------------
@@ -163,21 +170,23 @@ class ESD(Method):
         if self.image_memory:
             held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=removed_kinds)
         drawn = ctx.base_latents
-        self._images = {"prompts": forget, "anchor_prompts": anchor, "latents": drawn(forget),
-                        "anchor_latents": drawn(anchor)}
+        self._images = _paired(forget, anchor, drawn)
         self._held = {"prompts": held, "latents": drawn(held)} if held else None
+        earlier = [pair for r in ctx.history for t, a in zip(r.targets, r.anchors)
+                   for pair in ctx.world.prompt_pairs(t, a, self.image_replay, rng, avoid=removed)]
+        self._replay = _paired([p for p, _ in earlier], [a for _, a in earlier], drawn) if earlier else None
 
     def _image_batch(self, ctx, batch_size, generator) -> dict:
         """A sub-batch of target images conditioned on the target's or the anchor's prompt
-        (at random), and one of kept concepts' images on their own prompts."""
+        (at random), one of kept concepts' images on their own prompts, and half a batch of
+        earlier targets' images (`image_replay`) like the first."""
         t_range = (self.image_t_low, self.image_t_high)
-        image = _sample(self._images, batch_size, generator)
-        use_anchor = torch.rand(batch_size, generator=generator).lt(0.5).tolist()
-        image["prompts"] = [a if use else p for p, a, use in zip(image["prompts"], image.pop("anchor_prompts"),
-                                                                  use_anchor)]
-        out = {"image": ctx.draw(image, generator, t_range)}
+        out = {"image": ctx.draw(_either_prompt(self._images, batch_size, generator), generator, t_range)}
         if self._held:
             out["held"] = ctx.draw(_sample(self._held, batch_size, generator), generator, t_range)
+        if self._replay:
+            replay = _either_prompt(self._replay, max(1, batch_size // 2), generator)
+            out["replay"] = ctx.draw(replay, generator, t_range)
         return out
 
     def _x0_error(self, ctx, sub: dict, goal: str) -> torch.Tensor:
@@ -187,6 +196,21 @@ class ESD(Method):
         x0 = ctx.x0(x_t, ctx.eps(x_t, t, ctx.encode(sub["prompts"])), t)
         weight = ctx.family.snr(ctx.noise_scheduler, t).clamp(max=self.image_snr_cap)
         return (weight * (x0 - sub[goal].to(x0.device)).pow(2).flatten(1).mean(1)).mean()
+
+
+def _paired(prompts: list[str], anchor_prompts: list[str], drawn) -> dict:
+    """A pool of target prompts, their anchor captions and `drawn`'s images of both."""
+    return {"prompts": prompts, "anchor_prompts": anchor_prompts, "latents": drawn(prompts),
+            "anchor_latents": drawn(anchor_prompts)}
+
+
+def _either_prompt(pool: dict, n: int, generator: torch.Generator) -> dict:
+    """`n` entries of a paired pool, each conditioned on its target's or its anchor's
+    caption at random (half each)."""
+    sub = _sample(pool, n, generator)
+    use_anchor = torch.rand(n, generator=generator).lt(0.5).tolist()
+    sub["prompts"] = [a if use else p for p, a, use in zip(sub["prompts"], sub.pop("anchor_prompts"), use_anchor)]
+    return sub
 
 
 def _sample(pool: dict, n: int, generator: torch.Generator) -> dict:
