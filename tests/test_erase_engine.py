@@ -184,9 +184,10 @@ def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch, robu
 
 
 def test_robust_replays_earlier_targets_and_the_lineage_keeps_their_soft_prompts(base, tmp_path):
-    """DUGE's --robust hardening replays every earlier target under soft prompts mined for it
-    on the weights being hardened; the pools are written beside the model, so the next
-    request goes on from each target's newest one (and a first request has none to write)."""
+    """With `harden_replay`, DUGE's --robust hardening replays every earlier target under soft
+    prompts mined for it on the weights being hardened; the pools are written beside the
+    model, so the next request goes on from each target's newest one (and a first request has
+    none to write)."""
     from safetensors.torch import load_file
 
     from obliviate.engine.robust import PROMPTS_FILE

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .checks import check_at_least
-from .engine.robust import Robust, method_settings, trains_soft_prompts
+from .engine.robust import Robust, trains_soft_prompts
 from .erase import erase
 from .evaluate.attacks import check_attacks, check_attacks_for, run_attacks
 from .families import family_of
@@ -129,7 +129,7 @@ def run_bench(methods: list[str], sequence: list[str], model: str = "shapes", im
     for method in (m for m in methods if m.endswith("+robust")):
         name = method.partition("+")[0]
         m = get_method(name, **(_method_options(options, method) or {}))
-        if trains_soft_prompts(m, Robust.checked(method_settings(m, family_of(base_pipe), robust_settings))):
+        if trains_soft_prompts(m, Robust.checked({**m.robust_settings, **(robust_settings or {})})):
             family_of(base_pipe).check_text_attacks(f"--robust on {name} (it learns soft prompts)",
                                                     instead="bench it with duge+robust or uce+robust")
     if judge is None:

@@ -30,7 +30,7 @@ from .engine.data import LatentCache
 from .engine.harden import harden
 from .engine.loop import train
 from .engine.refresh import Refresh
-from .engine.robust import Robust, method_settings, trains_soft_prompts
+from .engine.robust import Robust, trains_soft_prompts
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
 from .methods.base import get_method, set_common
@@ -41,7 +41,7 @@ from .resources import PeakMemory
 
 # what --robust on a method that mines soft prompts can do on a family without the SD text path
 ROBUST_WITHOUT_MINING = ("run --robust's hardening stage instead, which learns none: --robust-set mining=false "
-                         "--robust-set harden_steps=100 --robust-set harden_replay=0")
+                         "--robust-set harden_steps=100")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def erase(
 
         source = getattr(pipe, "obliviate_source", None)
         adversary = Robust.from_folder(Path(source) if source and Path(source).is_dir() else None,
-                                       **method_settings(m, family_of(pipe), robust if isinstance(robust, dict) else {}))
+                                       **{**m.robust_settings, **(robust if isinstance(robust, dict) else {})})
         if trains_soft_prompts(m, adversary):
             family_of(pipe).check_text_attacks(f"--robust on {method} (it learns soft prompts)",
                                                instead=ROBUST_WITHOUT_MINING)

@@ -4,7 +4,7 @@
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
 `harden_steps` steps at `harden_lr`, λ_keep by the target's kind (`stage_recipe`: 5 for
-objects, 10 for colours; a style twice the steps, λ 20, the anchor's reference). c_keep are
+objects, 10 for colours; a style twice the steps, λ 10, the anchor's reference). c_keep are
 prompts naming no removed concept but naming a concept of every removed kind (the memory
 bank, the preserve set); ε_0 is the lineage's original model (held to the model before the
 request instead, six hardened requests drifted). L_img is
@@ -14,18 +14,19 @@ target denoise to same-seed images of its anchor, kept concepts' images and
 where the keep term alone cannot; without the memory prompts' images a colour no request
 named dipped over three requests (docs/benchmarks.md). Then φ is taken again (the hardened
 model is "the model before" for the method's own stage) and the method edits as usual.
-Without the replay below it needs no soft prompt and runs on every family. `harden_reference="anchor"` takes ESD's
-reference from the anchor's caption instead of the empty prompt (methods.esd);
-`harden_image_t_high` bounds the paired-image term's timesteps. `harden_replay=R` (DUGE:
-32) replays R pairs of every earlier target of the lineage in the paired-image term, half of
-their captions naming the target through a soft prompt that the `--robust` miner finds for it
-on the weights being hardened (every `harden_replay_every` steps, from the newest soft prompt
-the lineage kept for it): a later stage held hard to the original model otherwise gives
-earlier targets back to a learned prompt (star after a sixth request at λ_keep 20: 0.33-0.40;
-with the replay 0.04-0.17; docs/experiments.md, session 23). It learns soft prompts, so it
-runs on SD 1.x/2.x only (`robust.method_settings` turns DUGE's default off elsewhere). A
-style needs more than the default 100 steps against 1000-step attacks (striped, full
-ladder: 0.88; 200 steps with the anchor reference and λ_keep 20: 0.17, docs/benchmarks.md).
+Without the replay below it needs no soft prompt, so it runs on every family.
+`harden_reference="anchor"` takes ESD's reference from the anchor's caption instead of the
+empty prompt (methods.esd); `harden_image_t_high` bounds the paired-image term's timesteps.
+`harden_replay=R` (off by default) replays R pairs of every earlier target of the lineage in
+the paired-image term; half their captions name the target, and a share `share` of those
+name it through a soft prompt the `--robust` miner finds on the weights being hardened
+(every `harden_replay_every` steps, from the newest soft prompt the lineage kept for it).
+With it a style's stage can be held at λ_keep 20 without giving star back after six
+requests (quick ladder 0.06-0.12 against 0.33-0.40), but six requests ended no better than
+at λ 10 without it, at up to 1.7x the seconds (docs/benchmarks.md, experiments.md session
+23). It learns soft prompts: SD 1.x/2.x only. A style needs more than the default 100 steps
+against 1000-step attacks (striped, full ladder: 0.88; 200 steps with the anchor reference
+and λ_keep 20: 0.17, docs/benchmarks.md).
 
 Why: an edit of the cross-attention keys and values (DUGE) moves where the target's word
 points, but the UNet body still draws the target for some text state, and a learned soft
@@ -53,10 +54,9 @@ def stage_recipe(request, robust) -> dict:
     the 4-token ladder rung, 0.29 at λ 5). A request naming a style: `harden_steps` ×
     `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style` (a texture
     comes back under 1000-step inversions after the object recipe: striped 0.88; 2x / 20 /
-    anchor: 0.17; 2x / 10 / anchor: 0.10). DUGE's λ for a style is 20: at 10 a sixth request's
-    stage cost never-removed concepts (cross 0.90 of the shipped model's); at 20 without the
-    replay of earlier targets it undid an earlier object's hardening (star's quick ladder after
-    six requests 0.40; docs/experiments.md, sessions 21-23)."""
+    anchor: 0.17; 2x / 10 / anchor: 0.10). DUGE's λ for a style is 10, not 20: held at 20
+    to the original model, a later style's stage undid an earlier object's hardening (star's
+    quick ladder after six requests 0.40 at 20, 0.17 at 10; docs/experiments.md, session 21)."""
     kinds = {t.kind for t in request.targets}
     if "style" in kinds:
         return {"steps": max(1, round(robust.harden_steps * robust.harden_style_factor)),

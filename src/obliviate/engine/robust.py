@@ -52,24 +52,13 @@ def _slots(tokenizer) -> list[tuple[str, int]]:
 
 
 def trains_soft_prompts(method, robust: "Robust") -> bool:
-    """Whether a `--robust` run of `method` learns soft prompts (mining, or UCE's mined
-    rounds): those go through one CLIP text encoder's token embeddings, built for Stable
-    Diffusion 1.x/2.x only. The hardening stage and UCE's closed-form rounds work on any
-    family."""
+    """Whether a `--robust` run of `method` learns soft prompts (mining, the hardening
+    stage's replay of earlier targets, or UCE's mined rounds): those go through one CLIP text
+    encoder's token embeddings, built for Stable Diffusion 1.x/2.x only. The hardening stage
+    without the replay and UCE's closed-form rounds work on any family."""
     if method.closed_form:
         return getattr(method, "robust_mode", None) == "mined"
     return robust.mining or bool(robust.harden_steps and robust.harden_replay)
-
-
-def method_settings(method, family, given: dict | None = None) -> dict:
-    """`--robust`'s settings for `method` on a model of `family`: the method's own
-    `robust_settings` under the user's `given` ones. A method's default replay of earlier
-    targets mines soft prompts, which only a family with SD's text path can learn, so
-    elsewhere it is off unless `given` asks for it (and is then refused, in one line)."""
-    settings = {**method.robust_settings, **(given or {})}
-    if "harden_replay" not in (given or {}) and not family.text_attacks:
-        settings["harden_replay"] = 0
-    return settings
 
 
 # Allowed range of each numeric setting: (lowest, highest or None, whether lowest is excluded).

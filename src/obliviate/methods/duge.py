@@ -79,15 +79,14 @@ class DUGE(Method):
     # --robust: harden the UNet body with ESD-u first (with the paired-image term, kept
     # concepts' and memory prompts' images held), then DUGE as usual (engine.harden); mined
     # soft prompts added nothing on top of the hardened model (docs/experiments.md); a style
-    # is hardened twice as long, from the anchor's caption, at λ_keep 20 (striped's full
-    # ladder: 0.88 with the object recipe, 0.17 with this). Every stage also replays the
-    # earlier targets under soft prompts mined for them on the weights it trains
-    # (harden_replay): without it, held at λ 20 to the original model, a later style's
-    # stage let star back (0.40 after six requests; experiments.md, sessions 21 and 23)
+    # is hardened twice as long, from the anchor's caption, held as hard as a colour (striped's
+    # full ladder: 0.88 with the object recipe, 0.10 with this; held twice as hard, a later
+    # style let star back after six requests unless earlier targets are replayed under mined
+    # soft prompts, `harden_replay`, which is not the default: docs/benchmarks.md,
+    # experiments.md sessions 21 and 23)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
                                  "harden_image_memory": 64, "harden_style_factor": 2.0,
-                                 "harden_keep_style": 20.0, "harden_reference_style": "anchor",
-                                 "harden_replay": 32}
+                                 "harden_keep_style": 10.0, "harden_reference_style": "anchor"}
     option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
                                                   "prior_target": ("teacher", "data", "attention")}
     param_group: str = "attn2-kv"
