@@ -81,8 +81,8 @@ class DUGE(Method):
     # soft prompts added nothing on top of the hardened model (docs/experiments.md); a style
     # is hardened twice as long, from the anchor's caption, held as hard as a colour (striped's
     # full ladder: 0.88 with the object recipe, 0.10 with this; held twice as hard, a later
-    # style let star back after six requests unless earlier targets are replayed under mined
-    # soft prompts, `harden_replay`, which is not the default: docs/benchmarks.md,
+    # style let star back after six requests, with or without a replay of earlier targets
+    # under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
     # experiments.md sessions 21 and 23)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
                                  "harden_image_memory": 64, "harden_style_factor": 2.0,
