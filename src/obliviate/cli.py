@@ -372,7 +372,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                        attack_budget=args.attack_budget, judge=args.judge,
                        concepts=[c.strip() for c in (args.concepts or "").split(",") if c.strip()],
                        images_per_concept=args.images_per_concept,
-                       robust_settings=parse_options(args.robust_set or []))
+                       robust_settings=parse_options(args.robust_set))
     print(table(result))
     if args.json:
         out = Path(args.json)

@@ -167,17 +167,18 @@ class Robust:
                                  f"{method.name!r} does not (use duge, esd, doco, rgd or fewshot-te)")
 
     def prepare(self, ctx, mine_for: list[str] | None = None) -> None:
-        """Training data of every target the lineage has removed (this request's too): what the
-        original model draws for prompts naming it, the captions with the word as a slot.
-        `mine` attacks the targets `mine_for` names (default: this request's)."""
+        """Training data of every target `mine` attacks (`mine_for`, default this request's):
+        what the original model draws for prompts naming it, the captions with the word as a
+        slot. Only those: no other target's images are drawn, and the prompts follow the
+        targets' order, not a set's."""
         rng = np.random.default_rng(ctx.seed + 17)
         self._slots = _slots(ctx.tokenizer)
-        for name in ctx.removed:
+        self._current = list(ctx.request.names) if mine_for is None else list(mine_for)
+        for name in self._current:
             prompts = ctx.world.prompts_naming(name, self.prompts, rng)
             pattern = _word(name)
             captions = [put(pattern, "{}", p) for p in prompts]
             self._data[name] = {"latents": ctx.base_latents(prompts), "captions": captions}
-        self._current = list(ctx.request.names) if mine_for is None else list(mine_for)
 
     # -- mining ------------------------------------------------------------------------------
     def mine(self, ctx, step: int) -> None:
