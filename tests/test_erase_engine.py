@@ -347,3 +347,37 @@ def test_phi_as_a_light_view_gives_the_weights_a_full_copy_gives(base, tmp_path,
     copied = load_pipeline(base)
     erase(copied, Request(("van gogh",)), method=method, options={"variant": "u"} if method == "esd" else {}, **FAST)
     assert weights_sha256(light) == weights_sha256(copied)
+
+
+def test_duge_can_hold_kept_concepts_to_the_original_and_replay_earlier_targets_cleanly(shapes_base, tmp_path,
+                                                                                       monkeypatch):
+    """`preserve_reference="original"`: the preservation term measures the kept concepts'
+    attention against the lineage's original model, so drift left by request 1 is seen (and
+    undone) by request 2, where the previous model as reference sees none at the first step.
+    `rebound_clean`: an earlier target is replayed only in prompts that name nothing removed
+    since (star's replay naming solid would teach solid back during solid's removal)."""
+    from obliviate.concepts import ShapesWorld
+    from obliviate.methods.duge import DUGE
+
+    seen = []
+    prepare = DUGE.prepare
+
+    def spy(self, ctx):
+        prepare(self, ctx)
+        seen.append((set(ctx.removed), list(self._data.get("rebound", {}).get("p_anc", []))))
+
+    monkeypatch.setattr(DUGE, "prepare", spy)
+    first = {}
+    for reference, clean in (("previous", False), ("original", True)):
+        pipe = load_pipeline(shapes_base)
+        erase(pipe, Request(("star",)), options={"steps": 6}, out=tmp_path / f"{reference}-1",
+              **{**FAST, "steps": 6})
+        result = erase(pipe, Request(("solid",)), options={"preserve_reference": reference, "rebound_clean": clean},
+                       out=tmp_path / f"{reference}-2", **FAST)
+        first[reference] = result.stats["loss_first"]["pre"]
+    assert first["previous"] == 0.0 and first["original"] > 0.0
+    world = ShapesWorld()
+    (removed, plain), (_, clean) = seen[1], seen[3]
+    assert removed == {"star", "solid"}
+    assert any(world.mentions(p, {"solid"}) for p in plain)  # the default replays star with solid named
+    assert clean and not any(world.mentions(p, removed) for p in clean)

@@ -75,3 +75,26 @@ def test_memory_prompts_can_leave_no_kind_free():
     every_colour = {c.name for c in vocab.BY_KIND["colour"]}
     got = shapes.memory_prompts(every_colour, 50, rng, named={"colour", "style"})
     assert not any(c in p for p in got for c in every_colour)
+
+
+def test_the_default_anchor_avoids_what_earlier_removals_are_related_to():
+    # solid after striped: dotted (striped's neighbour, moved by that removal) is passed over
+    # for solid's own relative; with nothing removed the first unrelated concept is taken
+    shapes = ShapesWorld()
+    solid = shapes.target("solid")
+    assert shapes.default_anchor(solid, set()) == "striped"
+    assert shapes.default_anchor(solid, {"striped"}) == "outlined"
+    assert shapes.default_anchor(solid, {"striped", "solid"}) == "outlined"  # as a request resolves it
+    # circle after star, square and triangle: every candidate is near an earlier removal;
+    # the one unrelated to circle is taken
+    assert shapes.default_anchor(shapes.target("circle"), {"star", "square", "triangle"}) == "cross"
+    assert shapes.default_anchor(shapes.target("outlined"), {"striped", "dotted"}) == "solid"
+    with pytest.raises(Exception, match="pass --anchor"):
+        shapes.default_anchor(solid, {"striped", "dotted", "outlined"})
+
+
+def test_a_prompt_mentions_a_concept_by_any_of_its_words():
+    shapes = ShapesWorld()
+    assert shapes.mentions("a blue filled star", {"solid"})
+    assert not shapes.mentions("a blue outlined star", {"solid", "red"})
+    assert not shapes.mentions("a boxer", {"square"})  # "box" only as a whole word

@@ -11,6 +11,7 @@ a concept in context, and prompts unrelated to a set of concepts (the memory ban
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,11 @@ class ConceptWorld:
         """`n` real images (uint8, N x H x W x 3) showing `concept`, for few-shot methods."""
         raise NotImplementedError
 
+    def mentions(self, prompt: str, concepts) -> bool:
+        """Whether `prompt` names any of `concepts` by any of its words (whole words, any case)."""
+        return any(re.search(rf"\b{re.escape(w)}\b", prompt, re.IGNORECASE)
+                   for c in concepts for w in self.target(c).words)
+
 
 
 
@@ -74,13 +80,18 @@ class ShapesWorld(ConceptWorld):
         return Target(c.name, c.kind, c.words)
 
     def default_anchor(self, target: Target, avoid: set[str]) -> str:
-        """First concept of the same kind that is neither removed nor related to the target."""
-        related = set(vocab.CONCEPTS[target.name].related)
-        same_kind = [c.name for c in vocab.BY_KIND[target.kind] if c.name != target.name]
-        for pool in ([n for n in same_kind if n not in avoid | related], [n for n in same_kind if n not in avoid]):
-            if pool:
-                return pool[0]
-        raise ObliviateError(f"no {target.kind} is left to anchor {target.name!r}; pass --anchor")
+        """The first concept of the same kind, not removed, related neither to an earlier
+        removal (`avoid`, which may hold the target) nor to the target; failing that, one related only to the target;
+        then any. A concept related to an earlier removal has been moved by it and is what its
+        replay holds apart: sending solid there (dotted, striped's neighbour) capped solid's
+        UA at 0.83-0.90 on the neighbours preset, where its own relative reached 0.88-0.92
+        (docs/experiments.md, session 24)."""
+        near_earlier = {r for c in set(avoid) - {target.name} if c in vocab.CONCEPTS for r in vocab.CONCEPTS[c].related}
+        near_target = set(vocab.CONCEPTS[target.name].related)
+        same_kind = [c.name for c in vocab.BY_KIND[target.kind] if c.name not in set(avoid) | {target.name}]
+        if not same_kind:
+            raise ObliviateError(f"no {target.kind} is left to anchor {target.name!r}; pass --anchor")
+        return min(same_kind, key=lambda n: (n in near_earlier, n in near_target))
 
     def default_preserve(self, target: Target, avoid: set[str]) -> list[str]:
         """Every other concept of the target's kind that has not been removed."""

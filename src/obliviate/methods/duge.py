@@ -29,6 +29,14 @@
   the original model's images of the anchor prompts, the same prompts every request, so
   they are sampled once per lineage and a request's cost does not grow with k). An earlier
   target whose anchor has been removed since follows that removal's anchor (`final_anchor`).
+Two options for close neighbours (the neighbours preset, docs/experiments.md session 24):
+`preserve_reference="original"` holds the kept concepts' attention to the lineage's original
+model rather than to the model before this request, so small drifts do not add up over
+requests (dotted, a fragile style, fell to 0.86-0.88 of its accuracy after three unrelated
+requests against the previous model); `rebound_clean` replays an earlier target only in
+prompts whose other words name nothing removed since (from twice the pairs, the same prompts
+every request): without it star's replay "a green solid star" holds solid in place while
+solid is being removed.
 `converge=r` (off by default) goes on past `steps` while the attention loss of the last 10
 steps is above r times its first 10 steps', at most `max_steps`: a target whose anchor is
 its own close relative converges slower (the long preset's outlined → solid, r 0.15: 117
@@ -88,7 +96,8 @@ class DUGE(Method):
                                  "harden_image_memory": 64, "harden_style_factor": 2.0,
                                  "harden_keep_style": 10.0, "harden_reference_style": "anchor"}
     option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
-                                                  "prior_target": ("teacher", "data", "attention")}
+                                                  "prior_target": ("teacher", "data", "attention"),
+                                                  "preserve_reference": ("previous", "original")}
     param_group: str = "attn2-kv"
     steps: int = 60
     lr: float = 2e-3
@@ -105,6 +114,8 @@ class DUGE(Method):
     memory_images: int = 32
     converge: float = 0.0
     max_steps: int = 180
+    preserve_reference: str = "previous"
+    rebound_clean: bool = False
     _data: dict = field(default_factory=dict, repr=False)
     _attn: list = field(default_factory=list, repr=False)
 
@@ -155,9 +166,14 @@ class DUGE(Method):
         parts = []
         for t, a in earlier:
             rng = np.random.default_rng([ctx.seed, zlib.crc32(t.name.encode())])
-            pairs = ctx.world.prompt_pairs(t, a, self.pairs_per_target, rng)
+            pairs = ctx.world.prompt_pairs(t, a, self.pairs_per_target * (2 if self.rebound_clean else 1), rng)
             anchors = [p for _, p in pairs]
-            parts.append(([p for p, _ in pairs], anchors, ctx.base_latents(anchors)))
+            latents = ctx.base_latents(anchors)
+            if self.rebound_clean:  # the first pairs whose other slots name nothing removed since
+                keep = [i for i, q in enumerate(anchors) if not ctx.world.mentions(q, ctx.removed)]
+                keep = keep[: self.pairs_per_target] or list(range(self.pairs_per_target))
+                pairs, anchors, latents = [pairs[i] for i in keep], [anchors[i] for i in keep], latents[keep]
+            parts.append(([p for p, _ in pairs], anchors, latents))
         return {"p_tgt": [p for part in parts for p in part[0]], "p_anc": [p for part in parts for p in part[1]],
                 "latents": torch.cat([part[2] for part in parts])}
 
@@ -178,8 +194,13 @@ class DUGE(Method):
         `keep` (a prompt field), θ(c) vs φ(c) on those prompts (attention preservation)."""
         x_t, _, t = ctx.noisy(sub)
         mine, theirs = (keep, keep) if keep else ("p_tgt", "p_anc")
-        with capture_cross_attention(ctx.denoiser(frozen=True)) as ref:
-            ctx.eps(x_t, t, ctx.encode(sub[theirs], frozen=True), frozen=True)
+        base = ctx.base_pipe() if keep and self.preserve_reference == "original" else None
+        if base is not None:  # the lineage's original model, its own text encoder
+            with capture_cross_attention(getattr(base, ctx.family.denoiser)) as ref:
+                ctx.base_eps(x_t, t, sub[theirs])
+        else:
+            with capture_cross_attention(ctx.denoiser(frozen=True)) as ref:
+                ctx.eps(x_t, t, ctx.encode(sub[theirs], frozen=True), frozen=True)
         with capture_cross_attention(ctx.denoiser()) as cur:
             ctx.eps(x_t, t, ctx.encode(sub[mine]))
         per_layer = []
