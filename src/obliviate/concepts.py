@@ -82,14 +82,14 @@ class ShapesWorld(ConceptWorld):
     def default_anchor(self, target: Target, avoid: set[str]) -> str:
         """The first concept of the same kind, not removed, related neither to an earlier
         removal (`avoid`, which may hold the target) nor to the target; failing that, one
-        related only to the target; then any. A concept related to an earlier removal has been moved by it and is what its
-        replay holds apart: sending solid there (dotted, striped's neighbour) capped solid's
-        UA at 0.83-0.90 on the neighbours preset, where its own relative reached 0.88-0.92
-        (docs/experiments.md, session 24)."""
-        earlier = set(avoid) - {target.name}
-        near_earlier = {r for c in earlier if c in vocab.CONCEPTS for r in vocab.CONCEPTS[c].related}
+        related only to the target; then any. A concept related to an earlier removal has
+        been moved by it and is what its replay holds apart: sending solid there (dotted,
+        striped's neighbour) capped solid's UA at 0.83-0.90 on the neighbours preset, where
+        its own relative reached 0.88-0.92 (docs/experiments.md, session 24)."""
+        removed = set(avoid) | {target.name}
+        near_earlier = {r for c in removed - {target.name} if c in vocab.CONCEPTS for r in vocab.CONCEPTS[c].related}
         near_target = set(vocab.CONCEPTS[target.name].related)
-        same_kind = [c.name for c in vocab.BY_KIND[target.kind] if c.name not in set(avoid) | {target.name}]
+        same_kind = [c.name for c in vocab.BY_KIND[target.kind] if c.name not in removed]
         if not same_kind:
             raise ObliviateError(f"no {target.kind} is left to anchor {target.name!r}; pass --anchor")
         return min(same_kind, key=lambda n: (n in near_earlier, n in near_target))
