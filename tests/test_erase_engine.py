@@ -354,8 +354,9 @@ def test_duge_can_hold_kept_concepts_to_the_original_and_replay_earlier_targets_
     """`preserve_reference="original"`: the preservation term measures the kept concepts'
     attention against the lineage's original model, so drift left by request 1 is seen (and
     undone) by request 2, where the previous model as reference sees none at the first step.
-    `rebound_clean`: an earlier target is replayed only in prompts that name nothing removed
-    since (star's replay naming solid would teach solid back during solid's removal)."""
+    `rebound_clean`: an earlier target's replay names, for every concept removed since, the
+    concept it now points to (a replay prompt naming solid would teach solid back during
+    solid's removal; it names solid's anchor instead)."""
     from obliviate.concepts import ShapesWorld
     from obliviate.methods.duge import DUGE
 
@@ -364,7 +365,7 @@ def test_duge_can_hold_kept_concepts_to_the_original_and_replay_earlier_targets_
 
     def spy(self, ctx):
         prepare(self, ctx)
-        seen.append((set(ctx.removed), list(self._data.get("rebound", {}).get("p_anc", []))))
+        seen.append((set(ctx.removed), list(self._data.get("rebound", {}).get("p_anc", [])), ctx.request.anchors))
 
     monkeypatch.setattr(DUGE, "prepare", spy)
     first = {}
@@ -377,7 +378,8 @@ def test_duge_can_hold_kept_concepts_to_the_original_and_replay_earlier_targets_
         first[reference] = result.stats["loss_first"]["pre"]
     assert first["previous"] == 0.0 and first["original"] > 0.0
     world = ShapesWorld()
-    (removed, plain), (_, clean) = seen[1], seen[3]
+    (removed, plain, (anchor,)), (_, clean, _) = seen[1], seen[3]
     assert removed == {"star", "solid"}
     assert any(world.mentions(p, {"solid"}) for p in plain)  # the default replays star with solid named
-    assert clean and not any(world.mentions(p, removed) for p in clean)
+    assert len(clean) == len(plain) and not any(world.mentions(p, removed) for p in clean)
+    assert [world.rename(p, {"solid": anchor}) for p in plain] == clean

@@ -98,3 +98,10 @@ def test_a_prompt_mentions_a_concept_by_any_of_its_words():
     assert shapes.mentions("a blue filled star", {"solid"})
     assert not shapes.mentions("a blue outlined star", {"solid", "red"})
     assert not shapes.mentions("a boxer", {"square"})  # "box" only as a whole word
+
+
+def test_rename_sends_every_word_of_a_concept_to_another_concept():
+    shapes = ShapesWorld()
+    renamed = shapes.rename("a Filled star beside a solid box", {"solid": "outlined", "square": "circle"})
+    assert renamed == "a outlined star beside a outlined circle"
+    assert shapes.rename("a boxer", {"square": "circle"}) == "a boxer"

@@ -64,6 +64,15 @@ class ConceptWorld:
         return any(re.search(rf"\b{re.escape(w)}\b", prompt, re.IGNORECASE)
                    for c in concepts for w in self.target(c).words)
 
+    def rename(self, prompt: str, mapping: dict[str, str]) -> str:
+        """`prompt` with every word naming a concept in `mapping` (whole words, any case)
+        replaced by the name of the concept it maps to."""
+        for concept, to in mapping.items():
+            words = sorted(self.target(concept).words, key=len, reverse=True)
+            pattern = r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b"
+            prompt = re.sub(pattern, to, prompt, flags=re.IGNORECASE)
+        return prompt
+
 
 
 

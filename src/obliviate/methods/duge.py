@@ -29,14 +29,17 @@
   the original model's images of the anchor prompts, the same prompts every request, so
   they are sampled once per lineage and a request's cost does not grow with k). An earlier
   target whose anchor has been removed since follows that removal's anchor (`final_anchor`).
-Two options for close neighbours (the neighbours preset, docs/experiments.md session 24):
+For close neighbours (the neighbours preset, docs/experiments.md sessions 24-25), by default:
 `preserve_reference="original"` holds the kept concepts' attention to the lineage's original
 model rather than to the model before this request, so small drifts do not add up over
 requests (dotted, a fragile style, fell to 0.86-0.88 of its accuracy after three unrelated
-requests against the previous model); `rebound_clean` replays an earlier target only in
-prompts whose other words name nothing removed since (from twice the pairs, the same prompts
-every request): without it star's replay "a green solid star" holds solid in place while
-solid is being removed.
+requests against the previous model); `rebound_clean` makes an earlier target's replay name,
+for every concept removed since, the concept it now points to (`final_anchor`) in its
+reference prompt: without it "a green solid circle", star's replay, holds solid in place
+while solid is being removed (dropping such prompts instead left 0-4 of 48 per target by
+the long preset's twelfth request, and red came back to 0.67); 48 pairs per target.
+Under `--robust` the three stay at their earlier values (`robust_defaults`): issue 18's
+six-request lineages were measured with them.
 `converge=r` (off by default) goes on past `steps` while the attention loss of the last 10
 steps is above r times its first 10 steps', at most `max_steps`: a target whose anchor is
 its own close relative converges slower (the long preset's outlined → solid, r 0.15: 117
@@ -83,7 +86,8 @@ def final_anchor(ctx, anchor: str) -> str:
 class DUGE(Method):
     name: ClassVar[str] = "duge"
     forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"))
-    robust_defaults: ClassVar = {"prior_target": "attention"}
+    robust_defaults: ClassVar = {"prior_target": "attention", "preserve_reference": "previous",
+                                 "rebound_clean": False, "pairs_per_target": 24}
     # --robust: harden the UNet body with ESD-u first (with the paired-image term, kept
     # concepts' and memory prompts' images held), then DUGE as usual (engine.harden); mined
     # soft prompts added nothing on top of the hardened model (docs/experiments.md); a style
@@ -109,13 +113,13 @@ class DUGE(Method):
     attn_match: str = "both"
     w_probs: float = 1.0
     prior_target: str = "attention"
-    pairs_per_target: int = 24
+    pairs_per_target: int = 48
     prior_images: int = 32
     memory_images: int = 32
     converge: float = 0.0
     max_steps: int = 180
-    preserve_reference: str = "previous"
-    rebound_clean: bool = False
+    preserve_reference: str = "original"
+    rebound_clean: bool = True
     _data: dict = field(default_factory=dict, repr=False)
     _attn: list = field(default_factory=list, repr=False)
 
@@ -166,13 +170,12 @@ class DUGE(Method):
         parts = []
         for t, a in earlier:
             rng = np.random.default_rng([ctx.seed, zlib.crc32(t.name.encode())])
-            pairs = ctx.world.prompt_pairs(t, a, self.pairs_per_target * (2 if self.rebound_clean else 1), rng)
+            pairs = ctx.world.prompt_pairs(t, a, self.pairs_per_target, rng)
             anchors = [p for _, p in pairs]
-            latents = ctx.base_latents(anchors)
-            if self.rebound_clean:  # the first pairs whose other slots name nothing removed since
-                keep = [i for i, q in enumerate(anchors) if not ctx.world.mentions(q, ctx.removed)]
-                keep = keep[: self.pairs_per_target] or list(range(self.pairs_per_target))
-                pairs, anchors, latents = [pairs[i] for i in keep], [anchors[i] for i in keep], latents[keep]
+            latents = ctx.base_latents(anchors)  # drawn for the prompts as sampled: cached once
+            if self.rebound_clean:  # the reference names where every removed concept now points
+                mapping = {c: final_anchor(ctx, c) for c in ctx.removed if c != t.name}
+                anchors = [ctx.world.rename(p, mapping) for p in anchors]
             parts.append(([p for p, _ in pairs], anchors, latents))
         return {"p_tgt": [p for part in parts for p in part[0]], "p_anc": [p for part in parts for p in part[1]],
                 "latents": torch.cat([part[2] for part in parts])}
