@@ -380,6 +380,6 @@ def test_duge_can_hold_kept_concepts_to_the_original_and_replay_earlier_targets_
     world = ShapesWorld()
     (removed, plain, (anchor,)), (_, clean, _) = seen[1], seen[3]
     assert removed == {"star", "solid"}
-    assert any(world.mentions(p, {"solid"}) for p in plain)  # the default replays star with solid named
+    assert any(world.mentions(p, {"solid"}) for p in plain)  # the plain replay names solid
     assert len(clean) == len(plain) and not any(world.mentions(p, removed) for p in clean)
     assert [world.rename(p, {"solid": anchor}) for p in plain] == clean
