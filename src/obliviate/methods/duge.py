@@ -36,7 +36,7 @@ requests (dotted, a fragile style, fell to 0.86-0.88 of its accuracy after three
 requests against the previous model); `rebound_clean` makes an earlier target's replay name,
 for every concept removed since, the concept it now points to (`final_anchor`) in its
 reference prompt: without it "a green solid circle", star's replay, holds solid in place
-while solid is being removed (dropping such prompts instead left 0-4 of 48 per target by
+while solid is being removed (dropping such prompts instead left 0-3 of 48 per target by
 the long preset's twelfth request, and red came back to 0.67); 48 pairs per target.
 Under `--robust` the three stay at their earlier values (`robust_defaults`): issue 18's
 six-request lineages were measured with them.
