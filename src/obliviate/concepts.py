@@ -59,18 +59,20 @@ class ConceptWorld:
         """`n` real images (uint8, N x H x W x 3) showing `concept`, for few-shot methods."""
         raise NotImplementedError
 
+    def _words(self, concept: str) -> re.Pattern:
+        """Any of `concept`'s words as a whole word, any case (longest first)."""
+        words = sorted(self.target(concept).words, key=len, reverse=True)
+        return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
     def mentions(self, prompt: str, concepts) -> bool:
         """Whether `prompt` names any of `concepts` by any of its words (whole words, any case)."""
-        return any(re.search(rf"\b{re.escape(w)}\b", prompt, re.IGNORECASE)
-                   for c in concepts for w in self.target(c).words)
+        return any(self._words(c).search(prompt) for c in concepts)
 
     def rename(self, prompt: str, mapping: dict[str, str]) -> str:
         """`prompt` with every word naming a concept in `mapping` (whole words, any case)
         replaced by the name of the concept it maps to."""
         for concept, to in mapping.items():
-            words = sorted(self.target(concept).words, key=len, reverse=True)
-            pattern = r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b"
-            prompt = re.sub(pattern, to, prompt, flags=re.IGNORECASE)
+            prompt = self._words(concept).sub(to, prompt)
         return prompt
 
 

@@ -168,13 +168,14 @@ class DUGE(Method):
         in the cache: the cost of request k does not grow with k (it did when they were
         sampled afresh from the current model, 24 more images per earlier target)."""
         parts = []
+        now_points = {c: final_anchor(ctx, c) for c in ctx.removed} if self.rebound_clean else {}
         for t, a in earlier:
             rng = np.random.default_rng([ctx.seed, zlib.crc32(t.name.encode())])
             pairs = ctx.world.prompt_pairs(t, a, self.pairs_per_target, rng)
             anchors = [p for _, p in pairs]
             latents = ctx.base_latents(anchors)  # drawn for the prompts as sampled: cached once
             if self.rebound_clean:  # the reference names where every removed concept now points
-                mapping = {c: final_anchor(ctx, c) for c in ctx.removed if c != t.name}
+                mapping = {c: to for c, to in now_points.items() if c != t.name}
                 anchors = [ctx.world.rename(p, mapping) for p in anchors]
             parts.append(([p for p, _ in pairs], anchors, latents))
         return {"p_tgt": [p for part in parts for p in part[0]], "p_anc": [p for part in parts for p in part[1]],
