@@ -383,3 +383,37 @@ def test_duge_can_hold_kept_concepts_to_the_original_and_replay_earlier_targets_
     assert any(world.mentions(p, {"solid"}) for p in plain)  # the plain replay names solid
     assert len(clean) == len(plain) and not any(world.mentions(p, removed) for p in clean)
     assert [world.rename(p, {"solid": anchor}) for p in plain] == clean
+
+
+def test_duge_reanchors_an_earlier_target_whose_anchor_this_request_removes(shapes_base, tmp_path, monkeypatch):
+    """star → circle, then circle → cross: star now points at cross, a new destination, so its
+    pairs get a sub-batch of their own at full weight (`reanchor`) instead of a share of the
+    replay of earlier targets at λ_rebound; the request's own pairs are untouched. With
+    `lambda_reanchor=0` they stay in the replay."""
+    from obliviate.methods.duge import DUGE
+
+    seen, terms = {}, {}
+    prepare, loss = DUGE.prepare, DUGE.loss
+
+    def spy(self, ctx):
+        prepare(self, ctx)
+        if ctx.history:
+            seen[self.lambda_reanchor] = {k: list(self._data.get(k, {}).get("p_tgt", []))
+                                          for k in ("attn", "rebound", "reanchor")}
+
+    def spy_loss(self, ctx, batch):
+        out = loss(self, ctx, batch)
+        terms.setdefault(self.lambda_reanchor, set()).update(out)
+        return out
+
+    monkeypatch.setattr(DUGE, "prepare", spy)
+    monkeypatch.setattr(DUGE, "loss", spy_loss)
+    for weight in (1.0, 0.0):
+        pipe = load_pipeline(shapes_base)
+        erase(pipe, Request(("star",)), options={"steps": 2}, out=tmp_path / f"{weight}-1", **{**FAST, "steps": 2})
+        erase(pipe, Request(("circle",), anchor="cross"), options={"steps": 2, "lambda_reanchor": weight},
+              out=tmp_path / f"{weight}-2", **{**FAST, "steps": 2})
+    on, off = seen[1.0], seen[0.0]
+    assert on["attn"] == off["attn"] and not on["rebound"] and not off["reanchor"]
+    assert on["reanchor"] == off["rebound"] and all("star" in p for p in on["reanchor"])
+    assert "reanchor" in terms[1.0] and "reanchor" not in terms[0.0]

@@ -28,7 +28,13 @@
   EARLIER request at weight λ_rebound, so removed concepts do not come back (their x_t from
   the original model's images of the anchor prompts, the same prompts every request, so
   they are sampled once per lineage and a request's cost does not grow with k). An earlier
-  target whose anchor has been removed since follows that removal's anchor (`final_anchor`).
+  target whose anchor has been removed since follows that removal's anchor (`final_anchor`);
+  one whose destination this request changes (its anchor is this request's target) can get
+  a half-size sub-batch of its own at weight λ_reanchor (off by default): in the replay
+  shared by every earlier target, blue came back to UA 0.88 once magenta's removal sent it on
+  to cyan (the long preset's twelfth request), but on the neighbours preset striped's
+  re-anchoring to outlined at λ_reanchor = 1 cost solid's removal (UA 0.97 → 0.85) and
+  outlined (0.97 → 0.86); docs/experiments.md, session 26.
 For close neighbours (the neighbours preset, docs/experiments.md sessions 24-25), by default:
 `preserve_reference="original"` holds the kept concepts' attention to the lineage's original
 model rather than to the model before this request, so small drifts do not add up over
@@ -67,13 +73,14 @@ from ..engine.params import named_group, snapshot
 from .base import Method, register
 
 
-def final_anchor(ctx, anchor: str) -> str:
+def final_anchor(ctx, anchor: str, this_request: bool = True) -> str:
     """Where an earlier target now points: its anchor, or, if that anchor has been removed
-    since (this request included), that removal's anchor, and so on. Without it, a target
-    that was sent to a concept removed later (star → circle, then circle → cross) is pinned
-    to the removed concept's attention and fights the new removal (measured: circle's UA 0.48
-    as request 10 of the long preset)."""
-    anchor_of = {t.name: a for r in (*ctx.history, ctx.request) for t, a in zip(r.targets, r.anchors)}
+    since (this request included, unless `this_request` is False), that removal's anchor, and
+    so on. Without it, a target that was sent to a concept removed later (star → circle, then
+    circle → cross) is pinned to the removed concept's attention and fights the new removal
+    (measured: circle's UA 0.48 as request 10 of the long preset)."""
+    requests = (*ctx.history, ctx.request) if this_request else ctx.history
+    anchor_of = {t.name: a for r in requests for t, a in zip(r.targets, r.anchors)}
     seen = set()
     while anchor in anchor_of and anchor not in seen:
         seen.add(anchor)
@@ -85,7 +92,7 @@ def final_anchor(ctx, anchor: str) -> str:
 @dataclass
 class DUGE(Method):
     name: ClassVar[str] = "duge"
-    forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"))
+    forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"), ("reanchor", "p_tgt"))
     robust_defaults: ClassVar = {"prior_target": "attention", "preserve_reference": "previous",
                                  "rebound_clean": False, "pairs_per_target": 24}
     # --robust: harden the UNet body with ESD-u first (with the paired-image term, kept
@@ -120,6 +127,7 @@ class DUGE(Method):
     max_steps: int = 180
     preserve_reference: str = "original"
     rebound_clean: bool = True
+    lambda_reanchor: float = 0.0
     _data: dict = field(default_factory=dict, repr=False)
     _attn: list = field(default_factory=list, repr=False)
 
@@ -128,9 +136,14 @@ class DUGE(Method):
         req = ctx.request
         removed = ctx.removed
         self._data["attn"] = self._pairs(ctx, [(t, a) for t, a in zip(req.targets, req.anchors)], rng)
-        earlier = [(t, a) for r in ctx.history for t, a in zip(r.targets, r.anchors)]
-        if earlier and self.lambda_rebound:
-            self._data["rebound"] = self._rebound_pairs(ctx, [(t, final_anchor(ctx, a)) for t, a in earlier])
+        earlier = [(t, final_anchor(ctx, a), final_anchor(ctx, a, this_request=False))
+                   for r in ctx.history for t, a in zip(r.targets, r.anchors)]
+        moved = [(t, a) for t, a, before in earlier if self.lambda_reanchor and a != before]
+        held = [(t, a) for t, a, before in earlier if not (self.lambda_reanchor and a != before)]
+        if moved:  # sent on to a new anchor by this removal: a sub-batch of their own
+            self._data["reanchor"] = self._rebound_pairs(ctx, moved)
+        if held and self.lambda_rebound:
+            self._data["rebound"] = self._rebound_pairs(ctx, held)
         if req.preserve and self.lambda_pre:
             per = -(-self.prior_images // len(req.preserve))
             prompts = [p for c in req.preserve for p in ctx.world.prompts_naming(c, per, rng, removed)]
@@ -140,7 +153,7 @@ class DUGE(Method):
             self._data["memory"] = {"prompts": prompts, "latents": ctx.base_latents(prompts)}
         keep = [p for key in ("prior", "memory") for p in self._data.get(key, {}).get("prompts", [])]
         edit_pooled_read(ctx, self._data["attn"]["p_tgt"], self._data["attn"]["p_anc"],
-                         keep + self._data.get("rebound", {}).get("p_tgt", []))
+                         keep + [p for key in ("rebound", "reanchor") for p in self._data.get(key, {}).get("p_tgt", [])])
         self._start = snapshot(named_group(ctx.pipe, self.param_group))
         self._scale = self._output_scale(ctx)
 
@@ -187,7 +200,7 @@ class DUGE(Method):
         out = {}
         for key, data in self._data.items():
             n = len(data["latents"])
-            size = max(1, batch_size // 2) if key == "rebound" else batch_size
+            size = max(1, batch_size // 2) if key in ("rebound", "reanchor") else batch_size
             idx = torch.randint(0, n, (size,), generator=generator).tolist()
             sub = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in data.items()}
             out[key] = ctx.draw(sub, generator)
@@ -267,4 +280,6 @@ class DUGE(Method):
             terms["pull"] = self.lambda_pull * pull
         if "rebound" in batch:
             terms["rebound"] = self.lambda_rebound * self.attention_loss(ctx, batch["rebound"])
+        if "reanchor" in batch:
+            terms["reanchor"] = self.lambda_reanchor * self.attention_loss(ctx, batch["reanchor"])
         return terms
