@@ -152,8 +152,8 @@ class DUGE(Method):
             prompts = ctx.world.memory_prompts(removed, self.memory_images, rng)
             self._data["memory"] = {"prompts": prompts, "latents": ctx.base_latents(prompts)}
         keep = [p for key in ("prior", "memory") for p in self._data.get(key, {}).get("prompts", [])]
-        edit_pooled_read(ctx, self._data["attn"]["p_tgt"], self._data["attn"]["p_anc"],
-                         keep + [p for key in ("rebound", "reanchor") for p in self._data.get(key, {}).get("p_tgt", [])])
+        keep += [p for key in ("rebound", "reanchor") for p in self._data.get(key, {}).get("p_tgt", [])]
+        edit_pooled_read(ctx, self._data["attn"]["p_tgt"], self._data["attn"]["p_anc"], keep)
         self._start = snapshot(named_group(ctx.pipe, self.param_group))
         self._scale = self._output_scale(ctx)
 
