@@ -417,3 +417,31 @@ def test_duge_reanchors_an_earlier_target_whose_anchor_this_request_removes(shap
     assert on["attn"] == off["attn"] and not on["rebound"] and not off["reanchor"]
     assert on["reanchor"] == off["rebound"] and all("star" in p for p in on["reanchor"])
     assert "reanchor" in terms[1.0] and "reanchor" not in terms[0.0]
+
+
+def test_duge_terms_sharing_one_forward_have_the_values_they_have_alone(shapes_base, tmp_path, monkeypatch):
+    """This request's pairs and the replay of earlier targets share one forward, and so do the
+    preserved and memory prompts: each term must still equal its sub-batch's loss computed alone."""
+    from obliviate.methods.duge import DUGE
+
+    checked = []
+    loss = DUGE.loss
+
+    def spy_loss(self, ctx, batch):
+        out = loss(self, ctx, batch)
+        with torch.no_grad():
+            alone = {"attn": self.attention_loss(ctx, batch["attn"]),
+                     "pre": self.lambda_pre * self.preservation_loss(ctx, batch["prior"]),
+                     "replay": self.lambda_reg * self.preservation_loss(ctx, batch["memory"])}
+            if "rebound" in batch:
+                alone["rebound"] = self.lambda_rebound * self.attention_loss(ctx, batch["rebound"])
+        for key, value in alone.items():
+            assert torch.allclose(out[key].detach(), value, rtol=1e-4, atol=1e-7), key
+        checked.append(set(alone))
+        return out
+
+    monkeypatch.setattr(DUGE, "loss", spy_loss)
+    pipe = load_pipeline(shapes_base)
+    erase(pipe, Request(("star",)), out=tmp_path / "1", **{**FAST, "steps": 1})
+    erase(pipe, Request(("red",)), out=tmp_path / "2", **{**FAST, "steps": 1})
+    assert checked and "rebound" in checked[-1] and "rebound" not in checked[0]

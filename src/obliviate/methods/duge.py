@@ -195,8 +195,8 @@ class DUGE(Method):
                 "latents": torch.cat([part[2] for part in parts])}
 
     def batch(self, ctx, batch_size, generator):
-        """A sub-batch per term; the earlier targets' (rebound) one is half the size, so a
-        request's per-step cost grows by a sixth, not a third, once there are earlier targets."""
+        """A sub-batch per term, noise and timesteps drawn here; the earlier targets' ones
+        (rebound, reanchor) are half the size. `loss` joins them into two forwards."""
         out = {}
         for key, data in self._data.items():
             n = len(data["latents"])
@@ -209,26 +209,47 @@ class DUGE(Method):
     def attention_loss(self, ctx, sub, keep: str | None = None) -> torch.Tensor:
         """Mean over cross-attention layers of θ(c_tgt) vs φ(c_anc) attention mismatch; with
         `keep` (a prompt field), θ(c) vs φ(c) on those prompts (attention preservation)."""
-        x_t, _, t = ctx.noisy(sub)
+        return self.attention_losses(ctx, {"sub": sub}, keep)["sub"]
+
+    def attention_losses(self, ctx, subs: dict[str, dict], keep: str | None = None) -> dict[str, torch.Tensor]:
+        """`attention_loss` of several sub-batches in one forward of each model: they are
+        joined (their noise and timesteps were drawn in `batch`), the mismatch is taken per
+        sample, and each gets the mean over its own samples, the value it has alone. On the
+        shapes model a forward costs about the same for 4 samples as for 16, so a sub-batch
+        per term made a request's seconds grow with its number of terms (request 1 three,
+        with earlier targets four, with re-anchored ones five: 56 → 75 → 117 s on the long
+        preset; docs/experiments.md, session 27)."""
+        names = list(subs)
+        fields = [f for f in subs[names[0]] if all(f in s for s in subs.values())]
+        joined = {f: (torch.cat([subs[n][f] for n in names]) if torch.is_tensor(subs[names[0]][f])
+                      else [p for n in names for p in subs[n][f]]) for f in fields}
+        x_t, _, t = ctx.noisy(joined)
         mine, theirs = (keep, keep) if keep else ("p_tgt", "p_anc")
         base = ctx.base_pipe() if keep and self.preserve_reference == "original" else None
         if base is not None:  # the lineage's original model, its own text encoder
             with capture_cross_attention(getattr(base, ctx.family.denoiser)) as ref:
-                ctx.base_eps(x_t, t, sub[theirs])
+                ctx.base_eps(x_t, t, joined[theirs])
         else:
             with capture_cross_attention(ctx.denoiser(frozen=True)) as ref:
-                ctx.eps(x_t, t, ctx.encode(sub[theirs], frozen=True), frozen=True)
+                ctx.eps(x_t, t, ctx.encode(joined[theirs], frozen=True), frozen=True)
         with capture_cross_attention(ctx.denoiser()) as cur:
-            ctx.eps(x_t, t, ctx.encode(sub[mine]))
+            ctx.eps(x_t, t, ctx.encode(joined[mine]))
+        n = len(x_t)
+
+        def per_sample(a, b):  # rows are sample-major (sample × head), so a reshape splits them
+            return (a - b).pow(2).reshape(n, -1).mean(1)
+
         per_layer = []
         for name, r in ref.items():
             c, term = cur[name], 0.0
             if self.attn_match in ("output", "both"):
-                term = term + (c["output"] - r["output"]).pow(2).mean() / self._scale[name]
+                term = term + per_sample(c["output"], r["output"]) / self._scale[name]
             if self.attn_match in ("probs", "both"):
-                term = term + self.w_probs * r["probs"].shape[-1] * (c["probs"] - r["probs"]).pow(2).mean()
+                term = term + self.w_probs * r["probs"].shape[-1] * per_sample(c["probs"], r["probs"])
             per_layer.append(term)
-        return torch.stack(per_layer).mean()
+        losses = torch.stack(per_layer).mean(0)
+        sizes = [len(subs[name]["latents"]) for name in names]
+        return {name: part.mean() for name, part in zip(names, losses.split(sizes))}
 
     def preservation_loss(self, ctx, sub) -> torch.Tensor:
         """Denoising loss on the sub-batch's images ("data"), distance to φ's prediction
@@ -269,17 +290,26 @@ class DUGE(Method):
             self._attn = [float(v) for v in tensors["attn"]]
 
     def loss(self, ctx, batch):
-        terms = {"attn": self.attention_loss(ctx, batch["attn"])}
-        if "prior" in batch:
-            terms["pre"] = self.lambda_pre * self.preservation_loss(ctx, batch["prior"])
-        if "memory" in batch:
-            terms["replay"] = self.lambda_reg * self.preservation_loss(ctx, batch["memory"])
+        """The terms of the formula above; the forget-side sub-batches (this request's,
+        earlier targets', re-anchored ones') share one forward, and so do the preserved and
+        memory ones under attention preservation (`attention_losses`)."""
+        forget = self.attention_losses(ctx, {k: batch[k] for k in ("attn", "rebound", "reanchor") if k in batch})
+        kept_keys = [k for k in ("prior", "memory") if k in batch]
+        if self.prior_target == "attention" and kept_keys:
+            kept = self.attention_losses(ctx, {k: batch[k] for k in kept_keys}, keep="prompts")
+        else:
+            kept = {k: self.preservation_loss(ctx, batch[k]) for k in kept_keys}
+        terms = {"attn": forget["attn"]}
+        if "prior" in kept:
+            terms["pre"] = self.lambda_pre * kept["prior"]
+        if "memory" in kept:
+            terms["replay"] = self.lambda_reg * kept["memory"]
         if self.lambda_pull:
             current = named_group(ctx.pipe, self.param_group)
             pull = sum((p - self._start[n]).pow(2).sum() for n, p in current.items())
             terms["pull"] = self.lambda_pull * pull
-        if "rebound" in batch:
-            terms["rebound"] = self.lambda_rebound * self.attention_loss(ctx, batch["rebound"])
-        if "reanchor" in batch:
-            terms["reanchor"] = self.lambda_reanchor * self.attention_loss(ctx, batch["reanchor"])
+        if "rebound" in forget:
+            terms["rebound"] = self.lambda_rebound * forget["rebound"]
+        if "reanchor" in forget:
+            terms["reanchor"] = self.lambda_reanchor * forget["reanchor"]
         return terms
