@@ -128,6 +128,7 @@ class DUGE(Method):
     preserve_reference: str = "original"
     rebound_clean: bool = True
     lambda_reanchor: float = 0.0
+    rebound_batch: int = 0
     _data: dict = field(default_factory=dict, repr=False)
     _attn: list = field(default_factory=list, repr=False)
 
@@ -196,11 +197,12 @@ class DUGE(Method):
 
     def batch(self, ctx, batch_size, generator):
         """A sub-batch per term, noise and timesteps drawn here; the earlier targets' ones
-        (rebound, reanchor) are half the size. `loss` joins them into two forwards."""
+        (rebound, reanchor) are half the size unless `rebound_batch` says otherwise. `loss`
+        joins them into two forwards."""
         out = {}
         for key, data in self._data.items():
             n = len(data["latents"])
-            size = max(1, batch_size // 2) if key in ("rebound", "reanchor") else batch_size
+            size = (self.rebound_batch or max(1, batch_size // 2)) if key in ("rebound", "reanchor") else batch_size
             idx = torch.randint(0, n, (size,), generator=generator).tolist()
             sub = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in data.items()}
             out[key] = ctx.draw(sub, generator)
