@@ -34,7 +34,11 @@
   shared by every earlier target, blue came back to UA 0.88 once magenta's removal sent it on
   to cyan (the long preset's twelfth request), but on the neighbours preset striped's
   re-anchoring to outlined at λ_reanchor = 1 cost solid's removal (UA 0.97 → 0.85) and
-  outlined (0.97 → 0.86); docs/experiments.md, session 26.
+  outlined (0.97 → 0.86); docs/experiments.md, session 26. `rebound_batch` sizes those
+  sub-batches (half the batch by default). The forget-side sub-batches share one forward, and
+  so do the preserved and memory ones: a forward of the shapes model costs about the same at
+  4 samples as at 16, so a forward per term made a request's seconds grow with its number of
+  terms (docs/experiments.md, session 27).
 For close neighbours (the neighbours preset, docs/experiments.md sessions 24-25), by default:
 `preserve_reference="original"` holds the kept concepts' attention to the lineage's original
 model rather than to the model before this request, so small drifts do not add up over
