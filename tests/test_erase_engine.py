@@ -389,17 +389,22 @@ def test_duge_reanchors_an_earlier_target_whose_anchor_this_request_removes(shap
     """star → circle, then circle → cross: star now points at cross, a new destination, so its
     pairs get a sub-batch of their own at full weight (`reanchor`) instead of a share of the
     replay of earlier targets at λ_rebound; the request's own pairs are untouched. With
-    `lambda_reanchor=0` they stay in the replay."""
+    `lambda_reanchor=0` they stay in the replay. Either way star's images are those of its
+    first anchor's prompts (circle), the ones every earlier request asked for, and only the
+    reference prompt names cross: sending a target on draws no new images."""
     from obliviate.methods.duge import DUGE
 
-    seen, terms = {}, {}
+    seen, terms, drawn = {}, {}, []
     prepare, loss = DUGE.prepare, DUGE.loss
 
     def spy(self, ctx):
+        base_latents = ctx.base_latents
+        ctx.base_latents = lambda prompts, *a, **k: drawn.append(list(prompts)) or base_latents(prompts, *a, **k)
         prepare(self, ctx)
         if ctx.history:
             seen[self.lambda_reanchor] = {k: list(self._data.get(k, {}).get("p_tgt", []))
                                           for k in ("attn", "rebound", "reanchor")}
+            seen[self.lambda_reanchor]["p_anc"] = list((self._data.get("reanchor") or self._data["rebound"])["p_anc"])
 
     def spy_loss(self, ctx, batch):
         out = loss(self, ctx, batch)
@@ -417,6 +422,9 @@ def test_duge_reanchors_an_earlier_target_whose_anchor_this_request_removes(shap
     assert on["attn"] == off["attn"] and not on["rebound"] and not off["reanchor"]
     assert on["reanchor"] == off["rebound"] and all("star" in p for p in on["reanchor"])
     assert "reanchor" in terms[1.0] and "reanchor" not in terms[0.0]
+    assert on["p_anc"] == off["p_anc"] and all("cross" in p and "circle" not in p for p in on["p_anc"])
+    assert any(all("circle" in p for p in d) and [p.replace("circle", "cross") for p in d] == on["p_anc"]
+               for d in drawn)  # star's images: those of circle's prompts
 
 
 def test_duge_terms_sharing_one_forward_have_the_values_they_have_alone(shapes_base, tmp_path, monkeypatch):

@@ -141,10 +141,10 @@ class DUGE(Method):
         req = ctx.request
         removed = ctx.removed
         self._data["attn"] = self._pairs(ctx, [(t, a) for t, a in zip(req.targets, req.anchors)], rng)
-        earlier = [(t, final_anchor(ctx, a), final_anchor(ctx, a, this_request=False))
+        earlier = [(t, a, final_anchor(ctx, a), final_anchor(ctx, a, this_request=False))
                    for r in ctx.history for t, a in zip(r.targets, r.anchors)]
-        moved = [(t, a) for t, a, before in earlier if self.lambda_reanchor and a != before]
-        held = [(t, a) for t, a, before in earlier if not (self.lambda_reanchor and a != before)]
+        moved = [(t, a, now) for t, a, now, before in earlier if self.lambda_reanchor and now != before]
+        held = [(t, a, now) for t, a, now, before in earlier if not (self.lambda_reanchor and now != before)]
         if moved:  # sent on to a new anchor by this removal: a sub-batch of their own
             self._data["reanchor"] = self._rebound_pairs(ctx, moved)
         if held and self.lambda_rebound:
@@ -180,16 +180,21 @@ class DUGE(Method):
         return {"p_tgt": [t for t, _ in pairs], "p_anc": anchors, "latents": ctx.model_latents(anchors)}
 
     def _rebound_pairs(self, ctx, earlier) -> dict:
-        """Pairs of every earlier target, on images the lineage's original model draws for the
-        anchor prompts. Each target's prompts come from a generator seeded by the erase seed
-        and the target's name, so every later request asks for the same images and finds them
-        in the cache: the cost of request k does not grow with k (it did when they were
-        sampled afresh from the current model, 24 more images per earlier target)."""
+        """Pairs of every earlier target (target, its anchor, where it points now), on images
+        the lineage's original model draws for the anchor prompts. Each target's prompts come
+        from a generator seeded by the erase seed and the target's name, so every later
+        request asks for the same images and finds them in the cache. With `rebound_clean`
+        they are sampled with the target's own anchor and every removed concept, that anchor
+        included, is renamed in the reference prompt to where it now points: the images stay
+        those of the first draw, so a removal that sends earlier targets on to a new anchor
+        draws nothing (drawn for the new anchor, 48 images per target sent on cost the long
+        preset's twelfth request, four targets, about 45 s; docs/experiments.md, session 27).
+        Without it, the pairs name the anchor each target now points to."""
         parts = []
         now_points = {c: final_anchor(ctx, c) for c in ctx.removed} if self.rebound_clean else {}
-        for t, a in earlier:
+        for t, first, now in earlier:
             rng = np.random.default_rng([ctx.seed, zlib.crc32(t.name.encode())])
-            pairs = ctx.world.prompt_pairs(t, a, self.pairs_per_target, rng)
+            pairs = ctx.world.prompt_pairs(t, first if self.rebound_clean else now, self.pairs_per_target, rng)
             anchors = [p for _, p in pairs]
             latents = ctx.base_latents(anchors)  # drawn for the prompts as sampled: cached once
             if self.rebound_clean:  # the reference names where every removed concept now points
