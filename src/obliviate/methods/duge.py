@@ -34,8 +34,8 @@
   shared by every earlier target, blue came back to UA 0.88 once magenta's removal sent it on
   to cyan (the long preset's twelfth request), but on the neighbours preset striped's
   re-anchoring to outlined at λ_reanchor = 1 cost solid's removal (UA 0.97 → 0.85) and
-  outlined (0.97 → 0.86); docs/experiments.md, session 26. `rebound_batch` sizes those
-  sub-batches (half the batch by default). The forget-side sub-batches share one forward, and
+  outlined (0.97 → 0.86); docs/experiments.md, session 26. `rebound_batch` is the earlier
+  targets' samples per step (half the batch by default), split evenly between the two. The forget-side sub-batches share one forward, and
   so do the preserved and memory ones: a forward of the shapes model costs about the same at
   4 samples as at 16, so a forward per term made a request's seconds grow with its number of
   terms (docs/experiments.md, session 27).
@@ -205,13 +205,17 @@ class DUGE(Method):
                 "latents": torch.cat([part[2] for part in parts])}
 
     def batch(self, ctx, batch_size, generator):
-        """A sub-batch per term, noise and timesteps drawn here; the earlier targets' ones
-        (rebound, reanchor) are half the size unless `rebound_batch` says otherwise. `loss`
-        joins them into two forwards."""
+        """A sub-batch per term, noise and timesteps drawn here. The earlier targets' samples
+        (`rebound_batch`, half the batch by default) are split evenly between the replay and
+        the re-anchored ones, so a request that sends targets on costs what the others do (a
+        sub-batch of 16 more cost the long preset's re-anchoring requests 13 s of 77;
+        docs/experiments.md, session 27). `loss` joins them into two forwards."""
         out = {}
+        earlier = [k for k in ("rebound", "reanchor") if k in self._data]
+        share = max(1, (self.rebound_batch or max(1, batch_size // 2)) // max(1, len(earlier)))
         for key, data in self._data.items():
             n = len(data["latents"])
-            size = (self.rebound_batch or max(1, batch_size // 2)) if key in ("rebound", "reanchor") else batch_size
+            size = share if key in earlier else batch_size
             idx = torch.randint(0, n, (size,), generator=generator).tolist()
             sub = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in data.items()}
             out[key] = ctx.draw(sub, generator)
