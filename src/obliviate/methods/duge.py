@@ -35,10 +35,9 @@
   to cyan (the long preset's twelfth request), but on the neighbours preset striped's
   re-anchoring to outlined at λ_reanchor = 1 cost solid's removal (UA 0.97 → 0.85) and
   outlined (0.97 → 0.86); docs/experiments.md, session 26. `rebound_batch` is the earlier
-  targets' samples per step (half the batch by default), split evenly between the two. The forget-side sub-batches share one forward, and
-  so do the preserved and memory ones: a forward of the shapes model costs about the same at
-  4 samples as at 16, so a forward per term made a request's seconds grow with its number of
-  terms (docs/experiments.md, session 27).
+  targets' samples per step (half the batch by default), split evenly between the two. The
+  forget-side sub-batches share one forward, and so do the preserved and memory ones, so a
+  request does not pay a forward per term (docs/experiments.md, session 27).
 For close neighbours (the neighbours preset, docs/experiments.md sessions 24-25), by default:
 `preserve_reference="original"` holds the kept concepts' attention to the lineage's original
 model rather than to the model before this request, so small drifts do not add up over
@@ -143,8 +142,9 @@ class DUGE(Method):
         self._data["attn"] = self._pairs(ctx, [(t, a) for t, a in zip(req.targets, req.anchors)], rng)
         earlier = [(t, a, final_anchor(ctx, a), final_anchor(ctx, a, this_request=False))
                    for r in ctx.history for t, a in zip(r.targets, r.anchors)]
-        moved = [(t, a, now) for t, a, now, before in earlier if self.lambda_reanchor and now != before]
-        held = [(t, a, now) for t, a, now, before in earlier if not (self.lambda_reanchor and now != before)]
+        moved, held = [], []
+        for t, a, now, before in earlier:
+            (moved if self.lambda_reanchor and now != before else held).append((t, a, now))
         if moved:  # sent on to a new anchor by this removal: a sub-batch of their own
             self._data["reanchor"] = self._rebound_pairs(ctx, moved)
         if held and self.lambda_rebound:
@@ -212,7 +212,7 @@ class DUGE(Method):
         docs/experiments.md, session 27). `loss` joins them into two forwards."""
         out = {}
         earlier = [k for k in ("rebound", "reanchor") if k in self._data]
-        share = max(1, (self.rebound_batch or max(1, batch_size // 2)) // max(1, len(earlier)))
+        share = max(1, (self.rebound_batch or batch_size // 2) // max(1, len(earlier)))
         for key, data in self._data.items():
             n = len(data["latents"])
             size = share if key in earlier else batch_size
