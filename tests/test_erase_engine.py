@@ -427,6 +427,32 @@ def test_duge_reanchors_an_earlier_target_whose_anchor_this_request_removes(shap
                for d in drawn)  # star's images: those of circle's prompts
 
 
+def test_duge_closed_form_sends_an_earlier_target_on_before_the_first_step(shapes_base, tmp_path, monkeypatch):
+    """star → circle, then circle → cross: with `reanchor_closed_form`, star's prompts already
+    read, at the first step, the way φ reads them naming cross (the replay's mismatch is a
+    fraction of what it is without), and the kept prompts' attention is not moved by it."""
+    from obliviate.methods.duge import DUGE
+
+    first = {}
+    loss = DUGE.loss
+
+    def spy_loss(self, ctx, batch):
+        out = loss(self, ctx, batch)
+        if ctx.history:  # the second request's first step
+            first.setdefault(self.reanchor_closed_form, {k: float(v.detach()) for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(DUGE, "loss", spy_loss)
+    for flag in (False, True):
+        pipe = load_pipeline(shapes_base)
+        erase(pipe, Request(("star",)), out=tmp_path / f"{flag}-1", **FAST)
+        erase(pipe, Request(("circle",), anchor="cross"), options={"reanchor_closed_form": flag},
+              out=tmp_path / f"{flag}-2", **{**FAST, "steps": 1})
+    off, on = first[False], first[True]
+    assert on["rebound"] < 0.3 * off["rebound"], (on, off)
+    assert on["pre"] <= off["pre"] * 1.5 + 1e-4, (on, off)
+
+
 def test_duge_terms_sharing_one_forward_have_the_values_they_have_alone(shapes_base, tmp_path, monkeypatch):
     """This request's pairs and the replay of earlier targets share one forward, and so do the
     preserved and memory prompts: each term must still equal its sub-batch's loss computed alone."""

@@ -34,7 +34,9 @@
   shared by every earlier target, blue came back to UA 0.88 once magenta's removal sent it on
   to cyan (the long preset's twelfth request), but on the neighbours preset striped's
   re-anchoring to outlined at λ_reanchor = 1 cost solid's removal (UA 0.97 → 0.85) and
-  outlined (0.97 → 0.86); docs/experiments.md, session 26. `rebound_batch` is the earlier
+  outlined (0.97 → 0.86); docs/experiments.md, session 26. `reanchor_closed_form` (off by
+  default) sends such targets on in one least-squares edit of the K/V before the first step
+  (UCE's closed form, `_reanchor_in_closed_form`); `rebound_batch` is the earlier
   targets' samples per step (half the batch by default), split evenly between the two. The
   forget-side sub-batches share one forward, and so do the preserved and memory ones, so a
   request does not pay a forward per term (docs/experiments.md, session 27).
@@ -71,7 +73,7 @@ import numpy as np
 import torch
 
 from ..engine.attention import capture_cross_attention
-from ..engine.closed_form import edit_pooled_read
+from ..engine.closed_form import edit_pooled_read, uce_matrix
 from ..engine.params import named_group, snapshot
 from .base import Method, register
 
@@ -132,6 +134,8 @@ class DUGE(Method):
     rebound_clean: bool = True
     lambda_reanchor: float = 0.0
     rebound_batch: int = 0
+    reanchor_closed_form: bool = False
+    reanchor_lambda: float = 0.5
     _data: dict = field(default_factory=dict, repr=False)
     _attn: list = field(default_factory=list, repr=False)
 
@@ -142,8 +146,10 @@ class DUGE(Method):
         self._data["attn"] = self._pairs(ctx, [(t, a) for t, a in zip(req.targets, req.anchors)], rng)
         earlier = [(t, a, final_anchor(ctx, a), final_anchor(ctx, a, this_request=False))
                    for r in ctx.history for t, a in zip(r.targets, r.anchors)]
-        moved, held = [], []
+        moved, held, sent_on = [], [], []
         for t, a, now, before in earlier:
+            if now != before:
+                sent_on.append((t, a, now))
             (moved if self.lambda_reanchor and now != before else held).append((t, a, now))
         if moved:  # sent on to a new anchor by this removal: a sub-batch of their own
             self._data["reanchor"] = self._rebound_pairs(ctx, moved)
@@ -158,6 +164,8 @@ class DUGE(Method):
             self._data["memory"] = {"prompts": prompts, "latents": ctx.base_latents(prompts)}
         keep = [p for key in ("prior", "memory") for p in self._data.get(key, {}).get("prompts", [])]
         keep += [p for key in ("rebound", "reanchor") for p in self._data.get(key, {}).get("p_tgt", [])]
+        if sent_on and self.reanchor_closed_form:
+            self._reanchor_in_closed_form(ctx, sent_on, keep)
         edit_pooled_read(ctx, self._data["attn"]["p_tgt"], self._data["attn"]["p_anc"], keep)
         self._start = snapshot(named_group(ctx.pipe, self.param_group))
         self._scale = self._output_scale(ctx)
@@ -172,6 +180,29 @@ class DUGE(Method):
         with capture_cross_attention(ctx.denoiser(frozen=True)) as ref:
             ctx.eps(x_t, t, ctx.encode(probe["p_anc"], frozen=True), frozen=True)
         return {name: float(r["output"].pow(2).mean()) + 1e-8 for name, r in ref.items()}
+
+    @torch.no_grad()
+    def _reanchor_in_closed_form(self, ctx, sent_on, keep: list[str]) -> None:
+        """Send the earlier targets that this removal sends on to their new anchor in one
+        step, before any gradient step: UCE's least-squares edit of every K/V projection
+        (`engine.closed_form.uce_matrix`) maps the text states of each such target's replay
+        prompts as φ maps their reference prompts (which name where it now points), and keeps
+        the states of every other prompt the request holds (`keep`: preserved, memory and
+        earlier targets' prompts) as they are, λ = `reanchor_lambda`:
+            W = W_old·M,  minimising Σ‖W c_t − W_old c_ref‖² + Σ‖W c_k − W_old c_k‖² + λ‖W − W_old‖².
+        φ is made first, so the loss still reads the model before this request. Without it,
+        four colours sent on to cyan at once by magenta's removal (the long preset's twelfth
+        request) were left between their old and new anchor (red: 37 of 48 images cyan, 4
+        magenta, 4 yellow; docs/experiments.md, session 28)."""
+        ctx.freeze()
+        pairs = self._rebound_pairs(ctx, sent_on)
+        moved_prompts = set(pairs["p_tgt"])
+        held = [p for p in keep if p not in moved_prompts]
+        c_e, c_g = (ctx.encode(pairs[k], frozen=True).states.flatten(0, -2).double() for k in ("p_tgt", "p_anc"))
+        c_p = ctx.encode(held, frozen=True).states.flatten(0, -2).double() if held else c_e[:0]
+        edit = uce_matrix(c_e, c_g, c_p, self.reanchor_lambda)
+        for module in ctx.family.text_projections(getattr(ctx.pipe, ctx.family.denoiser)).values():
+            module.weight.copy_((module.weight.double() @ edit).to(module.weight.dtype))
 
     def _pairs(self, ctx, targets_anchors, rng) -> dict:
         pairs = [p for t, a in targets_anchors
