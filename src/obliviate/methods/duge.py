@@ -38,9 +38,10 @@
   (`reanchor_closed_form`) such targets are sent on in one least-squares edit of the K/V
   before the first step (UCE's closed form, `_reanchor_in_closed_form`): the long preset's
   lowest UA after request 12 went from 0.88 to 0.94-1.00, and dotted on neighbours (seed 1,
-  144 images) from 0.84 to 0.92 of its accuracy (docs/experiments.md, session 28). A request
-  that sends no earlier target on (friendly, one request) is unchanged. `rebound_batch` is the earlier
-  targets' samples per step (half the batch by default), split evenly between the two. The
+  144 images) from 0.84 to 0.92 of its accuracy (docs/experiments.md, session 28); a request
+  that sends no earlier target on (friendly, one request) is unchanged. `rebound_batch` is
+  the earlier targets' samples per step (half the batch by default), split evenly between
+  the two. The
   forget-side sub-batches share one forward, and so do the preserved and memory ones, so a
   request does not pay a forward per term (docs/experiments.md, session 27).
 For close neighbours (the neighbours preset, docs/experiments.md sessions 24-25), by default:
@@ -198,7 +199,7 @@ class DUGE(Method):
         request) were left between their old and new anchor (red: 37 of 48 images cyan, 4
         magenta, 4 yellow; docs/experiments.md, session 28)."""
         ctx.freeze()
-        pairs = self._rebound_pairs(ctx, sent_on)
+        pairs = self._rebound_pairs(ctx, sent_on, images=False)  # the prompts alone
         moved_prompts = set(pairs["p_tgt"])
         held = [p for p in keep if p not in moved_prompts]
         c_e, c_g = (ctx.encode(pairs[k], frozen=True).states.flatten(0, -2).double() for k in ("p_tgt", "p_anc"))
@@ -213,7 +214,7 @@ class DUGE(Method):
         anchors = [a for _, a in pairs]
         return {"p_tgt": [t for t, _ in pairs], "p_anc": anchors, "latents": ctx.model_latents(anchors)}
 
-    def _rebound_pairs(self, ctx, earlier) -> dict:
+    def _rebound_pairs(self, ctx, earlier, images: bool = True) -> dict:
         """Pairs of every earlier target (target, its anchor, where it points now), on images
         the lineage's original model draws for the anchor prompts. Each target's prompts come
         from a generator seeded by the erase seed and the target's name, so every later
@@ -223,20 +224,21 @@ class DUGE(Method):
         those of the first draw, so a removal that sends earlier targets on to a new anchor
         draws nothing (drawn for the new anchor, 48 images per target sent on cost the long
         preset's twelfth request, four targets, about 45 s; docs/experiments.md, session 27).
-        Without it, the pairs name the anchor each target now points to."""
+        Without it, the pairs name the anchor each target now points to. With `images` False,
+        the prompts alone (the closed-form re-anchoring reads no image)."""
         parts = []
         now_points = {c: final_anchor(ctx, c) for c in ctx.removed} if self.rebound_clean else {}
         for t, first, now in earlier:
             rng = np.random.default_rng([ctx.seed, zlib.crc32(t.name.encode())])
             pairs = ctx.world.prompt_pairs(t, first if self.rebound_clean else now, self.pairs_per_target, rng)
             anchors = [p for _, p in pairs]
-            latents = ctx.base_latents(anchors)  # drawn for the prompts as sampled: cached once
+            latents = ctx.base_latents(anchors) if images else None  # as sampled: cached once
             if self.rebound_clean:  # the reference names where every removed concept now points
                 mapping = {c: to for c, to in now_points.items() if c != t.name}
                 anchors = [ctx.world.rename(p, mapping) for p in anchors]
             parts.append(([p for p, _ in pairs], anchors, latents))
-        return {"p_tgt": [p for part in parts for p in part[0]], "p_anc": [p for part in parts for p in part[1]],
-                "latents": torch.cat([part[2] for part in parts])}
+        out = {"p_tgt": [p for part in parts for p in part[0]], "p_anc": [p for part in parts for p in part[1]]}
+        return {**out, "latents": torch.cat([part[2] for part in parts])} if images else out
 
     def batch(self, ctx, batch_size, generator):
         """A sub-batch per term, noise and timesteps drawn here. The earlier targets' samples
