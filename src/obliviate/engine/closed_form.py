@@ -4,7 +4,9 @@ For a map W_old and columns c_e (what to erase), c_g (the guide each erased colu
 now map like) and c_p (what to keep):
     W = W_old·M,   M = (λ·I + s_e·C_gᵀC_e + s_p·C_pᵀC_p)(λ·I + s_e·C_eᵀC_e + s_p·C_pᵀC_p)⁻¹
 (rows of C are columns c), the minimiser of s_e·Σ‖W c_e − W_old c_g‖² + s_p·Σ‖W c_p − W_old c_p‖²
-+ λ‖W − W_old‖²_F. UCE applies it to every K/V projection (`methods/uce.py`).
++ λ‖W − W_old‖²_F. UCE applies it to every K/V projection (`methods/uce.py`), and so does
+DUGE where a removal sends earlier targets on to a new anchor (`methods/duge.py`):
+`text_columns` gives the columns, `text_projections` the maps and `edit_projections` sets them.
 
 `edit_pooled_read` applies it to the first linear layer of the module that reads a prompt's
 pooled embedding into every block of SD3 and Flux (`Family.pooled_text_map`): one vector per
@@ -25,6 +27,27 @@ def uce_matrix(c_e: torch.Tensor, c_g: torch.Tensor, c_p: torch.Tensor, lam: flo
     rhs = lam * eye + erase_scale * c_e.T @ c_e + preserve_scale * c_p.T @ c_p
     guide = erase_scale * c_g.T @ c_e + preserve_scale * c_p.T @ c_p + lam * eye
     return guide @ torch.linalg.inv(rhs)
+
+
+def text_columns(ctx, prompts: list[str]) -> torch.Tensor:
+    """The columns c of `prompts`: the text-encoder states of the model before this request,
+    one per token position (the UNet attends to all of them), float64."""
+    return ctx.encode(prompts, frozen=True).states.flatten(0, -2).double()
+
+
+def text_projections(ctx) -> dict:
+    """Every map that reads the text in the denoiser (`Family.text_projections`: the
+    cross-attention K/V), each with a float64 copy of its current weights: {name: (module, W)}."""
+    layers = ctx.family.text_projections(getattr(ctx.pipe, ctx.family.denoiser))
+    return {name: (module, module.weight.double().clone()) for name, module in layers.items()}
+
+
+@torch.no_grad()
+def edit_projections(projections: dict, edit: torch.Tensor) -> int:
+    """Set every module of `projections` ({name: (module, W)}) to W·M; returns how many."""
+    for module, w in projections.values():
+        module.weight.copy_((w @ edit).to(module.weight.dtype))
+    return len(projections)
 
 
 @torch.no_grad()

@@ -77,7 +77,8 @@ import numpy as np
 import torch
 
 from ..engine.attention import capture_cross_attention
-from ..engine.closed_form import edit_pooled_read, uce_matrix
+from ..engine.closed_form import (edit_pooled_read, edit_projections, text_columns,
+                                  text_projections, uce_matrix)
 from ..engine.params import named_group, snapshot
 from .base import Method, register
 
@@ -202,11 +203,9 @@ class DUGE(Method):
         pairs = self._rebound_pairs(ctx, sent_on, images=False)  # the prompts alone
         moved_prompts = set(pairs["p_tgt"])
         held = [p for p in keep if p not in moved_prompts]
-        c_e, c_g = (ctx.encode(pairs[k], frozen=True).states.flatten(0, -2).double() for k in ("p_tgt", "p_anc"))
-        c_p = ctx.encode(held, frozen=True).states.flatten(0, -2).double() if held else c_e[:0]
-        edit = uce_matrix(c_e, c_g, c_p, self.reanchor_lambda)
-        for module in ctx.family.text_projections(getattr(ctx.pipe, ctx.family.denoiser)).values():
-            module.weight.copy_((module.weight.double() @ edit).to(module.weight.dtype))
+        c_e, c_g = text_columns(ctx, pairs["p_tgt"]), text_columns(ctx, pairs["p_anc"])
+        c_p = text_columns(ctx, held) if held else c_e[:0]
+        edit_projections(text_projections(ctx), uce_matrix(c_e, c_g, c_p, self.reanchor_lambda))
 
     def _pairs(self, ctx, targets_anchors, rng) -> dict:
         pairs = [p for t, a in targets_anchors

@@ -24,7 +24,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..engine.closed_form import edit_pooled_read, uce_matrix
+from ..engine.closed_form import (edit_pooled_read, edit_projections, text_columns,
+                                  text_projections, uce_matrix)
 from .base import Method, register
 
 
@@ -63,25 +64,18 @@ class UCE(Method):
     def _columns(ctx, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Text-encoder states (one column per token position) of the target, anchor and
         preserved prompts, from the model before this request."""
-        return tuple(ctx.encode(p, frozen=True).states.flatten(0, -2).double() for p in prompts[:3])
+        return tuple(text_columns(ctx, p) for p in prompts[:3])
 
     def _edit(self, ctx, originals: dict, c_e, c_g, c_p) -> int:
         """Set every K/V projection to the UCE solution from its weights before the request."""
         edit = uce_matrix(c_e, c_g, c_p, self.lam, self.erase_scale, self.preserve_scale)
-        for module, w in originals.values():
-            module.weight.copy_((w @ edit).to(module.weight.dtype))
-        return len(originals)
-
-    @staticmethod
-    def _projections(ctx) -> dict:
-        layers = ctx.family.text_projections(getattr(ctx.pipe, ctx.family.denoiser))
-        return {name: (module, module.weight.double().clone()) for name, module in layers.items()}
+        return edit_projections(originals, edit)
 
     @torch.no_grad()
     def apply(self, ctx) -> dict:
         prompts = self._prompt_sets(ctx)
         c_e, c_g, c_p = self._columns(ctx, prompts)
-        edited = self._edit(ctx, self._projections(ctx), c_e, c_g, c_p) + edit_pooled_read(ctx, *prompts[:3], self.lam)
+        edited = self._edit(ctx, text_projections(ctx), c_e, c_g, c_p) + edit_pooled_read(ctx, *prompts[:3], self.lam)
         return {"layers_edited": edited, "columns_erased": len(c_e), "columns_preserved": len(c_p)}
 
     @torch.no_grad()
@@ -96,7 +90,7 @@ class UCE(Method):
             return self._apply_mined(ctx, robust)
         prompts = self._prompt_sets(ctx)
         c_e, c_g, c_p = self._columns(ctx, prompts)
-        originals = self._projections(ctx)
+        originals = text_projections(ctx)
         erase, guides = c_e, c_g
         edited, norms = self._edit(ctx, originals, erase, guides, c_p) + edit_pooled_read(ctx, *prompts[:3], self.lam), []
         d = c_e.shape[1]
@@ -127,7 +121,7 @@ class UCE(Method):
         miner.prepare(ctx)
         sets = self._prompt_sets(ctx)
         (c_e, c_g, c_p), pairs = self._columns(ctx, sets), sets[3]
-        originals = self._projections(ctx)
+        originals = text_projections(ctx)
         erase, guides = c_e, c_g
         edited = self._edit(ctx, originals, erase, guides, c_p)
         (slot, slot_id), text = miner.slots[0], ctx.pipe.text_encoder
