@@ -15,6 +15,7 @@ from obliviate.erase import erase
 from obliviate.evaluate import softprompt
 from obliviate.evaluate.softprompt import Rung, SoftPromptAttack, softprompt_ladder
 from obliviate.evaluate.textattacks import conditioning_attack, hardprompt_attack
+from obliviate.families import family_of
 from obliviate.ledger import Ledger, pipeline_state
 from obliviate.request import Request
 from obliviate.shapes import vocab
@@ -67,9 +68,17 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     coloured = erase(load_pipeline(shapes_base), Request(("red",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
                      batch_size=2, progress=False)
     assert coloured.stats["harden_keep"] == 10.0 and coloured.stats["harden_steps_run"] == 1
-    styled = erase(load_pipeline(shapes_base), Request(("striped",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
+    styled_pipe = load_pipeline(shapes_base)
+    styled = erase(styled_pipe, Request(("striped",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
                    batch_size=2, progress=False)
     assert styled.stats["harden_keep"] == 10.0 and styled.stats["harden_steps_run"] == 2
+    # an object's stage trains the coarse resolution levels, where a shape is laid out, and
+    # leaves the fine ones, which draw textures and colours; a style's stage needs the fine ones
+    coarse = tuple(f"unet.{p}" for p in family_of(pipe).deep_levels(pipe.unet))
+    assert result.stats["harden_group"] == "non-attn2-deep" and all(k.startswith(coarse) for k in body)
+    assert any(k.startswith("unet.mid_block.") for k in body) and "unet.mid_block." in coarse
+    styled_body = {k for k, v in pipeline_state(styled_pipe).items() if ".attn2." not in k and not (v == before[k]).all()}
+    assert any(not k.startswith(coarse) for k in styled_body)
     # without the stage, the body is untouched
     plain = load_pipeline(shapes_base)
     erase(plain, Request(("star",)), robust={"harden_steps": 0}, steps=3, batch_size=2, progress=False)
@@ -180,6 +189,7 @@ def test_uce_mined_mode_records_what_the_user_set_and_keeps_its_one_token_prompt
     (["--robust", "--robust-set", "harden_reference=none"], "harden_reference='none' must be one of: empty, anchor"),
     (["--robust", "--robust-set", "harden_reference_style=x"], "harden_reference_style='x' must be one of"),
     (["--robust", "--robust-set", "harden_style_factor=0"], "harden_style_factor=0.0 must be > 0"),
+    (["--robust", "--robust-set", "harden_group_object=unet"], "harden_group_object='unet' must be one of"),
     (["--robust", "--refresh", "--method", "uce"], "closed-form"),
 ])
 def test_bad_robust_settings_are_one_line_exit_2(shapes_base, tmp_path, capsys, args, message):

@@ -60,9 +60,13 @@ def stage_recipe(request, robust) -> dict:
     kinds = {t.kind for t in request.targets}
     if "style" in kinds:
         return {"steps": max(1, round(robust.harden_steps * robust.harden_style_factor)),
-                "keep": robust.harden_keep_style, "reference": robust.harden_reference_style}
-    keep = robust.harden_keep if kinds == {"object"} else robust.harden_keep_attribute
-    return {"steps": robust.harden_steps, "keep": keep, "reference": robust.harden_reference}
+                "keep": robust.harden_keep_style, "reference": robust.harden_reference_style,
+                "group": "non-attn2"}
+    if kinds == {"object"}:
+        return {"steps": robust.harden_steps, "keep": robust.harden_keep, "reference": robust.harden_reference,
+                "group": robust.harden_group_object}
+    return {"steps": robust.harden_steps, "keep": robust.harden_keep_attribute,
+            "reference": robust.harden_reference, "group": "non-attn2"}
 
 
 def harden(ctx, robust) -> dict:
@@ -76,13 +80,14 @@ def harden(ctx, robust) -> dict:
                      lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
                      image_memory=robust.harden_image_memory, image_replay=robust.harden_replay,
                      image_t_high=robust.harden_image_t_high)
+    esd.param_group = recipe["group"]
     after = ctx.train_group
     ctx.restart(esd.param_group)
     esd.prepare(ctx)
     stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed,
                   robust=_earlier_adversary(ctx, esd, robust))
     ctx.restart(after)
-    return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"],
+    return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"], "harden_group": recipe["group"],
             "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}
 

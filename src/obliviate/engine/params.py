@@ -7,6 +7,9 @@ attention, `unet` the whole transformer):
   DUGE's default) — the only weights that read the text;
 - `attn2`: all of cross-attention (ESD-x);
 - `non-attn2`: the UNet without cross-attention (ESD-u);
+- `non-attn2-deep`: the same in the deeper half of the UNet's resolution levels and its mid
+  block (`Family.deep_levels`; the whole body of a transformer): where an object is laid
+  out, not where textures and colours are drawn (`--robust`'s stage for an object);
 - `unet`: the whole UNet (RGD);
 - `text-mlp`: the MLPs (fc1, fc2) of every text-encoder layer (few-shot text-encoder
   unlearning); `text`: the whole text encoder (every text encoder of the family: SDXL's two);
@@ -24,7 +27,7 @@ from torch import nn
 from ..errors import ObliviateError
 
 # the denoiser's groups; which tensors each takes is the model family's (families.base)
-_DENOISER_GROUPS = ("attn2-kv", "attn2", "non-attn2", "unet")
+_DENOISER_GROUPS = ("attn2-kv", "attn2", "non-attn2", "non-attn2-deep", "unet")
 _TEXT_RULES: dict[str, Callable[[str], bool]] = {
     "text-mlp": lambda n: ".mlp.fc1." in n or ".mlp.fc2." in n or ".DenseReluDense.w" in n,  # CLIP, T5
     "text": lambda n: True,
@@ -49,7 +52,11 @@ def group_rules(pipe, group: str) -> list[tuple[nn.Module, str, Callable[[str], 
 
     if group in _DENOISER_GROUPS:
         family = family_of(pipe)
-        return [(getattr(pipe, family.denoiser), family.denoiser, family.denoiser_rules[group])]
+        denoiser = getattr(pipe, family.denoiser)
+        if group == "non-attn2-deep":
+            body, deep = family.denoiser_rules["non-attn2"], family.deep_levels(denoiser)
+            return [(denoiser, family.denoiser, lambda n: body(n) and (deep is None or n.startswith(deep)))]
+        return [(denoiser, family.denoiser, family.denoiser_rules[group])]
     if group in _TEXT_RULES:
         return [(getattr(pipe, n), n, _TEXT_RULES[group]) for n in family_of(pipe).present_text_encoders(pipe)]
     raise ObliviateError(f"unknown parameter group {group!r}; choose from {', '.join(GROUPS)}")

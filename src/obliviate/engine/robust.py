@@ -74,7 +74,8 @@ _RANGES = {
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
 }
 # Allowed values of each text setting.
-_CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor")}
+_CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
+            "harden_group_object": ("non-attn2", "non-attn2-deep")}
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Robust:
     harden_steps: int = 0
     harden_lr: float = 1e-4
     harden_reference: str = "empty"
+    harden_group_object: str = "non-attn2"
     harden_keep: float = 5.0
     harden_keep_attribute: float = 10.0
     harden_keep_style: float = 10.0

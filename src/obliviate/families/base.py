@@ -58,6 +58,19 @@ class Family:
         "unet": lambda n: True,
     }
 
+    def deep_levels(self, denoiser: nn.Module) -> tuple[str, ...] | None:
+        """Name prefixes of the deeper half of a UNet's resolution levels (group
+        `non-attn2-deep`): of n down blocks the last ⌊n/2⌋ (at least one), the mid block, and
+        the first as many up blocks. The coarse levels lay out what is drawn (an object); the
+        fine ones draw texture and colour. None for a denoiser with one resolution (a
+        transformer), where the group is the whole body."""
+        down = getattr(denoiser, "down_blocks", None)
+        if down is None:
+            return None
+        deep = max(1, len(down) // 2)
+        return (*(f"down_blocks.{i}." for i in range(len(down) - deep, len(down))), "mid_block.",
+                *(f"up_blocks.{i}." for i in range(deep)))
+
     def components(self, pipe) -> tuple[str, ...]:
         """Names of the weight-holding components present in `pipe`, in a fixed order (the
         ledger hashes them in this order): denoiser, text encoders, VAE."""
