@@ -7,7 +7,12 @@ trained on everything in the denoiser but what reads the text (methods.esd, vari
 objects, 10 for colours; a style twice the steps, λ 10, the anchor's reference). c_keep are
 prompts naming no removed concept but naming a concept of every removed kind (the memory
 bank, the preserve set); ε_0 is the lineage's original model (held to the model before the
-request instead, six hardened requests drifted). L_img is
+request instead, six hardened requests drifted). For an object, DUGE trains only the coarse
+half of the UNet's resolution levels and its mid block (`harden_group_object=non-attn2-deep`,
+`Family.deep_levels`): a shape is laid out there, and the fine levels, which draw textures
+and colours, stay as they were (star at 192 images per concept, seeds 1 and 2: dotted's drop
+0.09 → 0.00-0.01, the strongest rungs still ≤ 0.06; a style needs the fine levels: trained
+there alone, striped's stage took dotted 0.17; docs/experiments.md, session 29). L_img is
 ESD's paired-image term (`harden_image`, λ 2 for DUGE; 0 turns it off): noisy images of the
 target denoise to same-seed images of its anchor, kept concepts' images and
 `harden_image_memory` memory prompts' images to themselves. It holds a style (striped)
@@ -46,9 +51,10 @@ from .loop import train
 
 
 def stage_recipe(request, robust) -> dict:
-    """Steps, λ_keep and ESD reference of this request's stage, by the kind of its targets.
+    """Steps, λ_keep, ESD reference and trained group of this request's stage, by the kind of
+    its targets.
 
-    An object: `harden_steps`, `harden_keep`, `harden_reference`. A colour: λ_keep
+    An object: `harden_steps`, `harden_keep`, `harden_reference`, `harden_group_object`. A colour: λ_keep
     `harden_keep_attribute` (a colour is drawn by body features every concept shares: at λ 5
     a style's stage cost a colour 0.11; an object's stage at λ 10 let star back at 0.73 under
     the 4-token ladder rung, 0.29 at λ 5). A request naming a style: `harden_steps` ×

@@ -112,7 +112,8 @@ class DUGE(Method):
     # full ladder: 0.88 with the object recipe, 0.10 with this; held twice as hard, a later
     # style let star back after six requests, with or without a replay of earlier targets
     # under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
-    # experiments.md sessions 21 and 23)
+    # experiments.md sessions 21 and 23); an object's stage trains the coarse resolution
+    # levels only, so that fine textures such as dotted are not drawn differently (session 29)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
                                  "harden_image_memory": 64, "harden_style_factor": 2.0,
                                  "harden_keep_style": 10.0, "harden_reference_style": "anchor",
