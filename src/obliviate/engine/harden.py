@@ -11,7 +11,7 @@ request instead, six hardened requests drifted). For an object, DUGE trains only
 half of the UNet's resolution levels and its mid block (`harden_group_object=non-attn2-deep`,
 `Family.deep_levels`): a shape is laid out there, and the fine levels, which draw textures
 and colours, stay as they were (star at 192 images per concept, seeds 1 and 2: dotted's drop
-0.09 → 0.00-0.01, the strongest rungs still ≤ 0.06; a style needs the fine levels: trained
+0.09 → 0.00-0.01, the strongest rungs tried ≤ 0.10; a style needs the fine levels: trained
 there alone, striped's stage took dotted 0.17; docs/experiments.md, session 29). L_img is
 ESD's paired-image term (`harden_image`, λ 2 for DUGE; 0 turns it off): noisy images of the
 target denoise to same-seed images of its anchor, kept concepts' images and
