@@ -54,13 +54,13 @@ def stage_recipe(request, robust) -> dict:
     """Steps, λ_keep, ESD reference and trained group of this request's stage, by the kind of
     its targets.
 
-    An object: `harden_steps`, `harden_keep`, `harden_reference`, `harden_group_object`. A colour: λ_keep
-    `harden_keep_attribute` (a colour is drawn by body features every concept shares: at λ 5
-    a style's stage cost a colour 0.11; an object's stage at λ 10 let star back at 0.73 under
-    the 4-token ladder rung, 0.29 at λ 5). A request naming a style: `harden_steps` ×
-    `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style` (a texture
-    comes back under 1000-step inversions after the object recipe: striped 0.88; 2x / 20 /
-    anchor: 0.17; 2x / 10 / anchor: 0.10). DUGE's λ for a style is 10, not 20: held at 20
+    An object: `harden_steps`, `harden_keep`, `harden_reference`, `harden_group_object`. A
+    colour: λ_keep `harden_keep_attribute` (a colour is drawn by body features every concept
+    shares: at λ 5 a style's stage cost a colour 0.11; an object's stage at λ 10 let star back
+    at 0.73 under the 4-token ladder rung, 0.29 at λ 5). A request naming a style:
+    `harden_steps` × `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style`
+    (a texture comes back under 1000-step inversions after the object recipe: striped 0.88; 2x /
+    20 / anchor: 0.17; 2x / 10 / anchor: 0.10). DUGE's λ for a style is 10, not 20: held at 20
     to the original model, a later style's stage undid an earlier object's hardening (star's
     quick ladder after six requests 0.40 at 20, 0.17 at 10; docs/experiments.md, session 21)."""
     kinds = {t.kind for t in request.targets}
@@ -69,8 +69,8 @@ def stage_recipe(request, robust) -> dict:
                 "keep": robust.harden_keep_style, "reference": robust.harden_reference_style,
                 "group": "non-attn2"}
     if kinds == {"object"}:
-        return {"steps": robust.harden_steps, "keep": robust.harden_keep, "reference": robust.harden_reference,
-                "group": robust.harden_group_object}
+        return {"steps": robust.harden_steps, "keep": robust.harden_keep,
+                "reference": robust.harden_reference, "group": robust.harden_group_object}
     return {"steps": robust.harden_steps, "keep": robust.harden_keep_attribute,
             "reference": robust.harden_reference, "group": "non-attn2"}
 
@@ -93,7 +93,8 @@ def harden(ctx, robust) -> dict:
     stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed,
                   robust=_earlier_adversary(ctx, esd, robust))
     ctx.restart(after)
-    return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"], "harden_group": recipe["group"],
+    return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"],
+            "harden_group": recipe["group"],
             "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}
 

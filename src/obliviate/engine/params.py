@@ -55,7 +55,8 @@ def group_rules(pipe, group: str) -> list[tuple[nn.Module, str, Callable[[str], 
         denoiser = getattr(pipe, family.denoiser)
         if group == "non-attn2-deep":
             body, deep = family.denoiser_rules["non-attn2"], family.deep_levels(denoiser)
-            return [(denoiser, family.denoiser, lambda n: body(n) and (deep is None or n.startswith(deep)))]
+            in_deep = (lambda n: body(n) and n.startswith(deep)) if deep else body
+            return [(denoiser, family.denoiser, in_deep)]
         return [(denoiser, family.denoiser, family.denoiser_rules[group])]
     if group in _TEXT_RULES:
         return [(getattr(pipe, n), n, _TEXT_RULES[group]) for n in family_of(pipe).present_text_encoders(pipe)]
