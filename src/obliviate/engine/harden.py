@@ -68,11 +68,11 @@ def stage_recipe(request, robust) -> dict:
         return {"steps": max(1, round(robust.harden_steps * robust.harden_style_factor)),
                 "keep": robust.harden_keep_style, "reference": robust.harden_reference_style,
                 "group": "non-attn2"}
-    if kinds == {"object"}:
-        return {"steps": robust.harden_steps, "keep": robust.harden_keep,
-                "reference": robust.harden_reference, "group": robust.harden_group_object}
-    return {"steps": robust.harden_steps, "keep": robust.harden_keep_attribute,
-            "reference": robust.harden_reference, "group": "non-attn2"}
+    objects = kinds == {"object"}
+    return {"steps": robust.harden_steps,
+            "keep": robust.harden_keep if objects else robust.harden_keep_attribute,
+            "reference": robust.harden_reference,
+            "group": robust.harden_group_object if objects else "non-attn2"}
 
 
 def harden(ctx, robust) -> dict:

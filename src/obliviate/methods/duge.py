@@ -41,9 +41,8 @@
   144 images) from 0.84 to 0.92 of its accuracy (docs/experiments.md, session 28); a request
   that sends no earlier target on (friendly, one request) is unchanged. `rebound_batch` is
   the earlier targets' samples per step (half the batch by default), split evenly between
-  the two. The
-  forget-side sub-batches share one forward, and so do the preserved and memory ones, so a
-  request does not pay a forward per term (docs/experiments.md, session 27).
+  the two. The forget-side sub-batches share one forward, and so do the preserved and
+  memory ones, so a request does not pay a forward per term (docs/experiments.md, session 27).
 For close neighbours (the neighbours preset, docs/experiments.md sessions 24-25), by default:
 `preserve_reference="original"` holds the kept concepts' attention to the lineage's original
 model rather than to the model before this request, so small drifts do not add up over
