@@ -23,7 +23,7 @@ from sd_tiny import save_tiny_sd
 
 # mining on (DUGE's --robust default is the hardening stage without it)
 # the hardening's paired-image term draws small pools in these tests
-SMALL_IMAGES = {"harden_image_pairs": 4, "harden_image_memory": 4}
+SMALL_IMAGES = {"harden_image_pairs": 4, "harden_image_memory": 4, "harden_keep_prompts": 4}
 TINY_ROBUST = {"every": 2, "mine_steps": 2, "first_steps": 3, "batch_size": 2, "prompts": 4, "mining": True,
                "harden_steps": 0}
 
@@ -190,6 +190,7 @@ def test_uce_mined_mode_records_what_the_user_set_and_keeps_its_one_token_prompt
     (["--robust", "--robust-set", "harden_reference_style=x"], "harden_reference_style='x' must be one of"),
     (["--robust", "--robust-set", "harden_style_factor=0"], "harden_style_factor=0.0 must be > 0"),
     (["--robust", "--robust-set", "harden_group_object=unet"], "harden_group_object='unet' must be one of"),
+    (["--robust", "--robust-set", "harden_keep_prompts=0"], "harden_keep_prompts=0 must be >= 1"),
     (["--robust", "--refresh", "--method", "uce"], "closed-form"),
 ])
 def test_bad_robust_settings_are_one_line_exit_2(shapes_base, tmp_path, capsys, args, message):

@@ -154,7 +154,8 @@ def test_duge_converge_goes_on_while_its_attention_loss_is_still_high(base, tmp_
 
 @pytest.mark.parametrize("robust", [False, {"every": 2, "mine_steps": 2, "first_steps": 2, "prompts": 4,
                                              "batch_size": 2, "mining": True, "harden_steps": 0},
-                                    {"harden_steps": 2, "harden_image_pairs": 4, "harden_image_memory": 4}], ids=["plain", "robust-mining", "robust-harden"])
+                                    {"harden_steps": 2, "harden_image_pairs": 4, "harden_image_memory": 4,
+                                     "harden_keep_prompts": 4}], ids=["plain", "robust-mining", "robust-harden"])
 def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch, robust):
     """Interrupted after a checkpoint and resumed, a request ends with the weights of an
     uninterrupted run; under --robust that needs the pool of mined soft prompts (and the

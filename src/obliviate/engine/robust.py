@@ -68,7 +68,7 @@ _RANGES = {
     "pool": (1, None, False), "prompts": (1, None, False), "batch_size": (1, None, False),
     "lr": (0, None, True), "harden_lr": (0, None, True), "harden_keep": (0, None, False),
     "harden_keep_attribute": (0, None, False), "harden_keep_style": (0, None, False),
-    "harden_style_factor": (0, None, True), "harden_image": (0, None, False),
+    "harden_keep_prompts": (1, None, False), "harden_style_factor": (0, None, True), "harden_image": (0, None, False),
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
@@ -90,6 +90,7 @@ class Robust:
     harden_keep: float = 5.0
     harden_keep_attribute: float = 10.0
     harden_keep_style: float = 10.0
+    harden_keep_prompts: int = 32
     harden_style_factor: float = 1.0
     harden_reference_style: str = "empty"
     harden_image: float = 0.0
