@@ -7,16 +7,17 @@ trained on everything in the denoiser but what reads the text (methods.esd, vari
 objects, 10 for colours; a style twice the steps, λ 10, the anchor's reference). c_keep are
 `harden_keep_prompts` prompts naming no removed concept but naming a concept of every removed
 kind (the memory bank), and the preserve set's; ε_0 is the lineage's original model (held to
-the model before the request instead, six hardened requests drifted). DUGE draws 128 keep
-prompts, not ESD's 32: a term held on few prompts holds those, not the concepts they stand
-for (at 192 images per concept and two samplings, star's stage on erase seed 0 cost blue
-0.055 with 32, 0.010 with 128, magenta then 0.031; striped's cost objects 0.036-0.054 on
-average over three seeds, 0.023-0.030 with 128; docs/experiments.md, session 30). For an object, DUGE trains only the coarse
-half of the UNet's resolution levels and its mid block (`harden_group_object=non-attn2-deep`,
-`Family.deep_levels`): a shape is laid out there, and the fine levels, which draw textures
-and colours, stay as they were (star at 192 images per concept, seeds 1 and 2: dotted's drop
-0.09 → 0.00-0.01, the strongest rungs tried ≤ 0.10; a style needs the fine levels: trained
-there alone, striped's stage took dotted 0.17; docs/experiments.md, session 29). L_img is
+the model before the request instead, six hardened requests drifted). 32 by default; 128
+(`harden_keep_prompts=128`) halves what a style's stage costs objects (striped, three erase
+seeds, 192 images per concept: means 0.036-0.054 → 0.023-0.030) and spared blue on star's
+erase seed 0, but six requests on erase seed 1 then ended with diamond at 0.944 of the
+shipped model's (0.989 with 32), so it is not the default (docs/experiments.md, session 30).
+For an object, DUGE trains only the coarse half of the UNet's resolution levels and its mid
+block (`harden_group_object=non-attn2-deep`, `Family.deep_levels`): a shape is laid out
+there, and the fine levels, which draw textures and colours, stay as they were (star at 192
+images per concept, seeds 1 and 2: dotted's drop 0.09 → 0.00-0.01, the strongest rungs tried
+≤ 0.10; a style needs the fine levels: trained there alone, striped's stage took dotted
+0.17; docs/experiments.md, session 29). L_img is
 ESD's paired-image term (`harden_image`, λ 2 for DUGE; 0 turns it off): noisy images of the
 target denoise to same-seed images of its anchor, kept concepts' images and
 `harden_image_memory` memory prompts' images to themselves. It holds a style (striped)
@@ -86,7 +87,8 @@ def harden(ctx, robust) -> dict:
 
     recipe = stage_recipe(ctx.request, robust)
     esd = get_method("esd", variant="u", steps=recipe["steps"], lr=robust.harden_lr,
-                     lambda_keep=recipe["keep"], keep_prompts=robust.harden_keep_prompts, keep_reference="original", reference=recipe["reference"],
+                     lambda_keep=recipe["keep"], keep_prompts=robust.harden_keep_prompts,
+                     keep_reference="original", reference=recipe["reference"],
                      lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
                      image_memory=robust.harden_image_memory, image_replay=robust.harden_replay,
                      image_t_high=robust.harden_image_t_high)

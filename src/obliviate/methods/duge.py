@@ -116,7 +116,7 @@ class DUGE(Method):
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
                                  "harden_image_memory": 64, "harden_style_factor": 2.0,
                                  "harden_keep_style": 10.0, "harden_reference_style": "anchor",
-                                 "harden_group_object": "non-attn2-deep", "harden_keep_prompts": 128}
+                                 "harden_group_object": "non-attn2-deep"}
     option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
                                                   "prior_target": ("teacher", "data", "attention"),
                                                   "preserve_reference": ("previous", "original")}
