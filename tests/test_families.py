@@ -202,7 +202,8 @@ def test_duge_robust_hardens_the_body_on_every_family(tmp_path, monkeypatch, fam
     same for UCE's closed-form robust rounds on what reads the text."""
     pipe = load_pipeline(tiny_base(tmp_path, monkeypatch, family))
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
-    robust = {"harden_steps": 2, "harden_image": 1.0, "harden_image_pairs": 4, "harden_keep_prompts": 4}  # the paired-image term too
+    # the paired-image term too
+    robust = {"harden_steps": 2, "harden_image": 1.0, "harden_image_pairs": 4, "harden_keep_prompts": 4}
     result = erase(pipe, Request(("star",)), out=tmp_path / "out", robust=robust, **FAST)
     changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
     kv = RULES[family]["duge"]

@@ -7,11 +7,9 @@ trained on everything in the denoiser but what reads the text (methods.esd, vari
 objects, 10 for colours; a style twice the steps, λ 10, the anchor's reference). c_keep are
 `harden_keep_prompts` prompts naming no removed concept but naming a concept of every removed
 kind (the memory bank), and the preserve set's; ε_0 is the lineage's original model (held to
-the model before the request instead, six hardened requests drifted). 32 by default; 128
-(`harden_keep_prompts=128`) halves what a style's stage costs objects (striped, three erase
-seeds, 192 images per concept: means 0.036-0.054 → 0.023-0.030) and spared blue on star's
-erase seed 0, but six requests on erase seed 1 then ended with diamond at 0.944 of the
-shipped model's (0.989 with 32), so it is not the default (docs/experiments.md, session 30).
+the model before the request instead, six hardened requests drifted). 32 by default: 128
+halves what a style's stage costs objects, but cost a never-removed concept over six
+requests on one seed (docs/experiments.md, session 30).
 For an object, DUGE trains only the coarse half of the UNet's resolution levels and its mid
 block (`harden_group_object=non-attn2-deep`, `Family.deep_levels`): a shape is laid out
 there, and the fine levels, which draw textures and colours, stay as they were (star at 192
