@@ -19,11 +19,9 @@ from obliviate.families import family_of
 from obliviate.ledger import Ledger, pipeline_state
 from obliviate.request import Request
 from obliviate.shapes import vocab
-from sd_tiny import save_tiny_sd
+from sd_tiny import SMALL_IMAGES, save_tiny_sd
 
 # mining on (DUGE's --robust default is the hardening stage without it)
-# the hardening's paired-image term draws small pools in these tests
-SMALL_IMAGES = {"harden_image_pairs": 4, "harden_image_memory": 4, "harden_keep_prompts": 4}
 TINY_ROBUST = {"every": 2, "mine_steps": 2, "first_steps": 3, "batch_size": 2, "prompts": 4, "mining": True,
                "harden_steps": 0}
 

@@ -12,7 +12,7 @@ import pytest
 
 from obliviate.bench import run_bench, table, to_json
 from obliviate.report import write_report
-from sd_tiny import save_tiny_sd
+from sd_tiny import SMALL_IMAGES, save_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,6 @@ def test_bench_hands_robust_settings_to_every_robust_method(tmp_path, monkeypatc
     base = save_tiny_sd(tmp_path / "base", world="shapes")
     result = run_bench(["duge+robust"], ["star"], model=str(base), images_per_combo=1, work=tmp_path / "work",
                        options={"duge": {"steps": 2}}, grid_images=2, progress=False,
-                       robust_settings={"harden_steps": 2, "harden_image_pairs": 4, "harden_image_memory": 4,
-                                        "harden_keep_prompts": 4})
+                       robust_settings={"harden_steps": 2, **SMALL_IMAGES})
     entry = json.loads((Path(result["rows"][0]["model"]) / "ledger.json").read_text())["entries"][-1]
     assert entry["settings"]["robust"]["harden_steps"] == 2 and entry["settings"]["robust"]["harden_image_memory"] == 4

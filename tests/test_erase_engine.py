@@ -15,7 +15,7 @@ from obliviate.engine.attention import capture_cross_attention, cross_attention_
 from obliviate.erase import erase, rollback
 from obliviate.ledger import Ledger, pipeline_state, weights_sha256
 from obliviate.request import Request
-from sd_tiny import save_tiny_sd
+from sd_tiny import SMALL_IMAGES, save_tiny_sd
 
 FAST = dict(steps=3, batch_size=2, progress=False)
 
@@ -154,8 +154,7 @@ def test_duge_converge_goes_on_while_its_attention_loss_is_still_high(base, tmp_
 
 @pytest.mark.parametrize("robust", [False, {"every": 2, "mine_steps": 2, "first_steps": 2, "prompts": 4,
                                              "batch_size": 2, "mining": True, "harden_steps": 0},
-                                    {"harden_steps": 2, "harden_image_pairs": 4, "harden_image_memory": 4,
-                                     "harden_keep_prompts": 4}], ids=["plain", "robust-mining", "robust-harden"])
+                                    {"harden_steps": 2, **SMALL_IMAGES}], ids=["plain", "robust-mining", "robust-harden"])
 def test_resume_gives_the_uninterrupted_result(base, tmp_path, monkeypatch, robust):
     """Interrupted after a checkpoint and resumed, a request ends with the weights of an
     uninterrupted run; under --robust that needs the pool of mined soft prompts (and the
