@@ -10,8 +10,8 @@ kind (the memory bank), and the preserve set's; ε_0 is the lineage's original m
 the model before the request instead, six hardened requests drifted). 32 by default: 128
 halves what a style's stage costs objects; at a sixth request (a style) never-removed
 concepts swing 0.76-0.99 with the data the stage draws and the order it sees them in, at 32
-or 128 (experiments, sessions 32-33); 128 image pairs and memory images narrowed it to
-0.94-0.98 (not yet the default: the style floors would need measuring again).
+or 128; 128 image pairs and memory images narrowed seed 1's draws to 0.94-0.98 but left a
+seed-0 chain at 0.90 (docs/experiments.md, sessions 32-33).
 For an object, DUGE trains only the coarse half of the UNet's resolution levels and its mid
 block (`harden_group_object=non-attn2-deep`, `Family.deep_levels`): a shape is laid out
 there, and the fine levels, which draw textures and colours, stay as they were (star at 192
