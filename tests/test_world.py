@@ -77,6 +77,22 @@ def test_memory_prompts_can_leave_no_kind_free():
     assert not any(c in p for p in got for c in every_colour)
 
 
+def test_stratified_memory_prompts_name_every_kept_concept_equally_often():
+    # after six removals a random draw of 32 names one colour 4 times and another 11;
+    # stratified, each concept outside `avoid` of a named kind comes n // k or n // k + 1 times
+    shapes = ShapesWorld()
+    removed = {"star", "striped", "square", "red", "triangle", "dotted"}
+    for seed in range(3):
+        got = shapes.memory_prompts(removed, 32, np.random.default_rng(seed),
+                                    named={"object", "colour", "style"}, stratified=True)
+        words = [[w.strip(",") for w in p.split()] for p in got]
+        assert not any(w in removed for ws in words for w in ws)
+        for kind in ("object", "colour", "style"):
+            kept = [c.name for c in vocab.BY_KIND[kind] if c.name not in removed]
+            counts = [sum(c in ws for ws in words) for c in kept]
+            assert min(counts) >= 32 // len(kept) and max(counts) <= 32 // len(kept) + 1, (kind, counts)
+
+
 def test_the_default_anchor_avoids_what_earlier_removals_are_related_to():
     # solid after striped: dotted (striped's neighbour, moved by that removal) is passed over
     # for solid's own relative; with nothing removed the first unrelated concept is taken

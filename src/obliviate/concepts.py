@@ -52,7 +52,7 @@ class ConceptWorld:
         raise NotImplementedError
 
     def memory_prompts(self, avoid: set[str], n: int, rng: np.random.Generator,
-                       named: set[str] = frozenset()) -> list[str]:  # pragma: no cover
+                       named: set[str] = frozenset(), stratified: bool = False) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
     def real_images(self, concept: str, n: int, seed: int) -> np.ndarray:  # pragma: no cover
@@ -133,15 +133,21 @@ class ShapesWorld(ConceptWorld):
         return [vocab.fill(templates[rng.integers(len(templates))], {c.kind: c.name}, rng,
                            set(avoid) | {c.name}) for _ in range(n)]
 
-    def memory_prompts(self, avoid, n, rng, named=frozenset()):
+    def memory_prompts(self, avoid, n, rng, named=frozenset(), stratified=False):
         """`n` prompts naming only concepts outside `avoid` (the replay memory bank); with
         `named` (kinds), only templates that fill a slot of each of those kinds, so that no
         prompt leaves the model free to draw an avoided concept of that kind (a prompt that
-        names no style draws stripes a quarter of the time)."""
+        names no style draws stripes a quarter of the time). `stratified`: the slots of the
+        `named` kinds are dealt from shuffled decks of their concepts, so each concept outside
+        `avoid` is named equally often (±1) instead of as a random draw falls."""
         exhausted = [k for k, cs in vocab.BY_KIND.items() if all(c.name in avoid for c in cs)]
+        kinds = sorted(set(named) - set(exhausted))
         templates = [t for t in vocab.TEMPLATES if not any(vocab.names(t, k) for k in exhausted)
-                     and all(vocab.names(t, k) for k in set(named) - set(exhausted))]
-        return [vocab.fill(templates[rng.integers(len(templates))], {}, rng, set(avoid)) for _ in range(n)]
+                     and all(vocab.names(t, k) for k in kinds)]
+        decks = {k: _deck([c.name for c in vocab.BY_KIND[k] if c.name not in avoid], n, rng)
+                 for k in (kinds if stratified else ())}
+        return [vocab.fill(templates[rng.integers(len(templates))], {k: d[i] for k, d in decks.items()},
+                           rng, set(avoid)) for i in range(n)]
 
 
     def real_images(self, concept, n, seed):
@@ -156,6 +162,15 @@ class ShapesWorld(ConceptWorld):
             scene = shapes_world.Scene(**{**scene.__dict__, c.kind: c.name})
             images.append(shapes_world.render(scene, int(rng.integers(2**31 - 1))))
         return np.stack(images)
+
+
+def _deck(names: list[str], n: int, rng: np.random.Generator) -> list[str]:
+    """`n` of `names` dealt from shuffled copies of the list, one after another: each name
+    comes `n // len(names)` or one more times."""
+    out: list[str] = []
+    while len(out) < n:
+        out += [names[i] for i in rng.permutation(len(names))]
+    return out[:n]
 
 
 _FREE_TEMPLATES = ("{x}", "a photo of {x}", "a painting of {x}", "an image of {x}",
@@ -194,7 +209,9 @@ class FreeTextWorld(ConceptWorld):
     def prompts_naming(self, concept, n, rng, avoid=frozenset()):
         return [_FREE_TEMPLATES[rng.integers(len(_FREE_TEMPLATES))].format(x=concept) for _ in range(n)]
 
-    def memory_prompts(self, avoid, n, rng, named=frozenset()):
+    def memory_prompts(self, avoid, n, rng, named=frozenset(), stratified=False):
+        """`n` prompts of the generic memory bank not naming anything in `avoid` (free text
+        has no kinds to stratify: `named` and `stratified` are accepted and ignored)."""
         pool = [p for p in _FREE_MEMORY if not any(a.lower() in p for a in avoid)]
         return [pool[rng.integers(len(pool))] for _ in range(n)]
 

@@ -21,6 +21,13 @@ from tqdm.auto import tqdm
 from ..pipeline import sampler_settings
 
 
+def sample_pool(pool: dict, n: int, generator: torch.Generator) -> dict:
+    """`n` entries of a prompt pool drawn with replacement: the same indices of every list
+    and tensor in it (prompts, latents, their anchors)."""
+    idx = torch.randint(0, len(pool["prompts"]), (n,), generator=generator).tolist()
+    return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in pool.items()}
+
+
 def default_cache_dir() -> Path:
     """`$OBLIVIATE_CACHE`, else `~/.cache/obliviate`."""
     return Path(os.environ.get("OBLIVIATE_CACHE", Path.home() / ".cache" / "obliviate"))

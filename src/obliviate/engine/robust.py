@@ -17,6 +17,10 @@ back by the next request of the lineage; soft prompts of earlier targets are sub
 the method's replay of earlier targets (DUGE's rebound term), so they stay defended. The
 hardening stage's replay of earlier targets (`harden_replay`, engine.harden) mines with a
 second Robust whose pools are these: they are kept in the lineage the same way.
+Stages a gradient method's request runs under `--robust`: the hardening stage
+(`harden_steps`, engine.harden), the method's own stage (mining here when `mining`), and the
+repair stage (`repair_steps`, engine.repair), which holds what must stay to the lineage's
+original model with nothing to forget.
 Choices and what they cost are in docs/experiments.md.
 """
 
@@ -73,6 +77,7 @@ _RANGES = {
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
+    "repair_steps": (0, None, False), "repair_prompts": (1, None, False),
 }
 # Allowed values of each text setting.
 _CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
@@ -100,6 +105,9 @@ class Robust:
     harden_replay: int = 0
     harden_replay_every: int = 50
     harden_image_t_high: int = 1000
+    harden_stratify: bool = False
+    repair_steps: int = 0
+    repair_prompts: int = 96
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60

@@ -53,6 +53,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..engine.data import sample_pool
 from .base import Method, register
 
 
@@ -81,6 +82,7 @@ class ESD(Method):
     image_snr_cap: float = 5.0
     image_memory: int = 0
     image_replay: int = 0
+    stratified: bool = False
     _data: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -110,7 +112,8 @@ class ESD(Method):
         self._data = {"prompts": prompts, **extra, "latents": ctx.model_latents(prompts)}
         kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}  # of every removed concept
         if self.lambda_keep:
-            keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds)
+            keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds,
+                                           stratified=self.stratified)
             keep += [p for c in ctx.request.preserve for p in ctx.world.prompts_naming(c, 4, rng, removed)]
             latents = ctx.base_latents if self.keep_reference == "original" else ctx.model_latents
             self._keep = {"prompts": keep, "latents": latents(keep)}
@@ -120,9 +123,9 @@ class ESD(Method):
         ctx.freeze()
 
     def batch(self, ctx, batch_size, generator):
-        out = ctx.draw(_sample(self._data, batch_size, generator), generator)
+        out = ctx.draw(sample_pool(self._data, batch_size, generator), generator)
         if self.lambda_keep:
-            out["keep"] = ctx.draw(_sample(self._keep, batch_size, generator), generator)
+            out["keep"] = ctx.draw(sample_pool(self._keep, batch_size, generator), generator)
         if self.lambda_image:
             out.update(self._image_batch(ctx, batch_size, generator))
         return out
@@ -168,7 +171,8 @@ class ESD(Method):
         held = [p for t in ctx.request.targets for c in kept
                 for _, p in ctx.world.prompt_pairs(t, c, max(1, self.image_pairs // 2), rng, avoid=removed)]
         if self.image_memory:
-            held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=removed_kinds)
+            held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=removed_kinds,
+                                             stratified=self.stratified)
         drawn = ctx.base_latents
         self._images = _paired(forget, anchor, drawn)
         self._held = {"prompts": held, "latents": drawn(held)} if held else None
@@ -183,7 +187,7 @@ class ESD(Method):
         t_range = (self.image_t_low, self.image_t_high)
         out = {"image": ctx.draw(_either_prompt(self._images, batch_size, generator), generator, t_range)}
         if self._held:
-            out["held"] = ctx.draw(_sample(self._held, batch_size, generator), generator, t_range)
+            out["held"] = ctx.draw(sample_pool(self._held, batch_size, generator), generator, t_range)
         if self._replay:
             replay = _either_prompt(self._replay, max(1, batch_size // 2), generator)
             out["replay"] = ctx.draw(replay, generator, t_range)
@@ -207,14 +211,7 @@ def _paired(prompts: list[str], anchor_prompts: list[str], drawn) -> dict:
 def _either_prompt(pool: dict, n: int, generator: torch.Generator) -> dict:
     """`n` entries of a paired pool, each conditioned on its target's or its anchor's
     caption at random (half each)."""
-    sub = _sample(pool, n, generator)
+    sub = sample_pool(pool, n, generator)
     use_anchor = torch.rand(n, generator=generator).lt(0.5).tolist()
     sub["prompts"] = [a if use else p for p, a, use in zip(sub["prompts"], sub.pop("anchor_prompts"), use_anchor)]
     return sub
-
-
-def _sample(pool: dict, n: int, generator: torch.Generator) -> dict:
-    """`n` entries of a prompt pool drawn with replacement: the same indices of every list
-    and tensor in it (prompts, latents, their anchors)."""
-    idx = torch.randint(0, len(pool["prompts"]), (n,), generator=generator).tolist()
-    return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in pool.items()}
