@@ -517,3 +517,9 @@ def test_robust_repair_holds_what_must_stay_to_the_original_and_trains_the_body_
     assert gap_repaired < 0.8 * gap_plain, (gap_repaired, gap_plain)
     changed = changed_tensors(pipeline_state(plain), repaired)
     assert changed and all(k.startswith("unet.") and ".attn2." not in k for k in changed), sorted(changed)[:3]
+    # `repair_group=stage`: where this request's hardening trained (an object's: the coarse levels)
+    staged = load_pipeline(shapes_base)
+    erase(staged, Request(("star",)), robust={**hard, "repair_steps": 2, "repair_group": "stage"},
+          **{**FAST, "lr": 1e-6})
+    coarse = changed_tensors(pipeline_state(plain), staged)
+    assert coarse and coarse < changed, (len(coarse), len(changed))

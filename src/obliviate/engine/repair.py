@@ -26,6 +26,7 @@ import numpy as np
 
 from ..methods.base import Method
 from .data import sample_pool
+from .harden import stage_recipe
 from .loop import train
 
 
@@ -73,12 +74,15 @@ class Repair(Method):
 
 
 def repair(ctx, robust) -> dict:
-    """Run the repair stage on `ctx` for `robust.repair_steps` steps (after the method's stage)."""
-    stage = Repair(steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts)
+    """Run the repair stage on `ctx` for `robust.repair_steps` steps (after the method's stage),
+    on `robust.repair_group`: `non-attn2`, or `stage`, the group this request's hardening
+    stage trained (an object's: the coarse levels)."""
+    group = stage_recipe(ctx.request, robust)["group"] if robust.repair_group == "stage" else robust.repair_group
+    stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts)
     after = ctx.train_group
     ctx.restart(stage.param_group)
     stage.prepare(ctx)
     stats = train(stage, ctx, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, seed=ctx.seed + 5)
     ctx.restart(after)
-    return {"repair_steps_run": stage.steps, "repair_loss_first": stats["loss_first"],
+    return {"repair_group": group, "repair_steps_run": stage.steps, "repair_loss_first": stats["loss_first"],
             "repair_loss_last": stats["loss_last"], "repair_seconds": stats["seconds_training"]}

@@ -81,7 +81,7 @@ _RANGES = {
 }
 # Allowed values of each text setting.
 _CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
-            "harden_group_object": ("non-attn2", "non-attn2-deep")}
+            "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage")}
 
 
 @dataclass
@@ -108,6 +108,7 @@ class Robust:
     harden_stratify: bool = False
     repair_steps: int = 0
     repair_prompts: int = 96
+    repair_group: str = "non-attn2"
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
