@@ -6,16 +6,20 @@ c: `repair_prompts` memory prompts naming no removed concept and a concept of ev
 kind, dealt so that each never-removed concept of those kinds is named equally often
 (`ConceptWorld.memory_prompts(stratified=True)`); ε_0 and x_0(c) are the lineage's original
 model's prediction and its drawing (same seed). Trained on the denoiser's body without
-cross-attention (`non-attn2`, where the hardening stage moved it; the method's edit of the
-cross-attention is left as the method made it) for `repair_steps` steps at `harden_lr`,
-λ_keep 10 and λ_img 2 as in a style's hardening stage.
+cross-attention (`repair_group=non-attn2`; `stage`: only where this request's hardening
+trained, an object's coarse levels; the method's edit of the cross-attention is left as the
+method made it) for `repair_steps` steps at `harden_lr`, λ_keep 10 and λ_img 2 as in a
+style's hardening stage.
 
 Why: each request's hardening stage moves never-removed concepts by a few hundredths in a
 direction its draw decides (which data, which order), and the moves add up over requests: at
 a sixth request (a style) the lowest never-removed concept ranged 0.76-0.99 of the shipped
 model's over four draws (docs/benchmarks.md). The stage's own keep term is traded against its
 forget term; this one is not, and it looks at every concept that must stay, not one draw of
-them. Measurements and the variants dropped: docs/experiments.md, session 34.
+them. Off by default (`repair_steps=0`): at 120 steps it held the lowest never-removed concept
+at 0.987-0.997 of the shipped model's over six requests on two seeds, but star came back
+to 0.35 under the strongest soft-prompt rungs after six (0.29 without it): it gives some of
+the hardening back. Measurements and variants: docs/experiments.md, session 34.
 """
 
 from __future__ import annotations
