@@ -61,6 +61,12 @@ class EraseContext:
         prompts built for keeping, pairing or replay must not name."""
         return {t.name for r in self.history for t in r.targets} | set(self.request.names)
 
+    @property
+    def removed_kinds(self) -> set[str]:
+        """The kinds (object, colour, ...) of every concept the lineage has removed, this
+        request's included: the slots a keep prompt must fill so none is left free."""
+        return {t.kind for r in (*self.history, self.request) for t in r.targets}
+
     # -- frozen copies (φ) -----------------------------------------------------------------
     def frozen(self, component: str) -> torch.nn.Module:
         """A frozen copy of a component (`unet`, `text_encoder`, ...) as it was when first asked for.
@@ -169,6 +175,15 @@ class EraseContext:
     def x0(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The clean latent a prediction of the denoiser implies at x_t, t."""
         return self.family.x0(self.noise_scheduler, x_t, pred, t)
+
+    def x0_error(self, sub: dict, goal: torch.Tensor, snr_cap: float) -> torch.Tensor:
+        """min(SNR_t, cap)·‖x̂_0,θ(x_t, c, t) − goal‖² on a drawn sub-batch, x_t noised from
+        sub["latents"] (Min-SNR weighting: the ε-space loss at high noise, capped where x̂_0
+        is nearly given)."""
+        x_t, _, t = self.noisy(sub)
+        x0 = self.x0(x_t, self.eps(x_t, t, self.encode(sub["prompts"])), t)
+        weight = self.family.snr(self.noise_scheduler, t).clamp(max=snr_cap)
+        return (weight * (x0 - goal.to(x0.device)).pow(2).flatten(1).mean(1)).mean()
 
     def diffusion_loss(self, sub: dict) -> torch.Tensor:
         """The ordinary denoising loss ‖target − pred_θ(x_t, c, t)‖² on a drawn sub-batch."""

@@ -56,7 +56,7 @@ reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13
 
 from __future__ import annotations
 
-from .loop import train
+from .loop import run_stage
 
 
 def stage_recipe(request, robust) -> dict:
@@ -98,12 +98,7 @@ def harden(ctx, robust) -> dict:
                      image_t_high=robust.harden_image_t_high,
                      stratified=robust.harden_stratify)
     esd.param_group = recipe["group"]
-    after = ctx.train_group
-    ctx.restart(esd.param_group)
-    esd.prepare(ctx)
-    stats = train(esd, ctx, steps=esd.steps, lr=esd.lr, batch_size=esd.batch_size, seed=ctx.seed,
-                  robust=_earlier_adversary(ctx, esd, robust))
-    ctx.restart(after)
+    stats = run_stage(esd, ctx, seed=ctx.seed, robust=lambda: _earlier_adversary(ctx, esd, robust))
     return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"],
             "harden_group": recipe["group"],
             "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],

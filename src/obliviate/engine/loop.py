@@ -34,6 +34,20 @@ def shard(batch, rank: int, world: int):
     return batch
 
 
+def run_stage(method, ctx, seed: int, robust=None) -> dict:
+    """One stage of a request around the method's own (the --robust hardening or repair):
+    the weights now become φ for `method`'s group, it prepares and trains for its own
+    steps, and φ is retaken for the group trained before. `robust`, if given, is called
+    after `prepare` and returns the soft-prompt miner `train` takes (or None)."""
+    after = ctx.train_group
+    ctx.restart(method.param_group)
+    method.prepare(ctx)
+    stats = train(method, ctx, steps=method.steps, lr=method.lr, batch_size=method.batch_size, seed=seed,
+                  robust=robust() if robust else None)
+    ctx.restart(after)
+    return stats
+
+
 def train(method, ctx, steps: int, lr: float, batch_size: int, seed: int = 0,
           checkpoint_dir: Path | None = None, checkpoint_every: int = 0, resume: bool = False,
           refresh=None, robust=None, checkpoint_info: dict | None = None) -> dict:

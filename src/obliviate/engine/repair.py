@@ -31,7 +31,7 @@ import numpy as np
 from ..methods.base import Method
 from .data import sample_pool
 from .harden import stage_recipe
-from .loop import train
+from .loop import run_stage
 
 
 @dataclass
@@ -53,8 +53,8 @@ class Repair(Method):
     def prepare(self, ctx) -> None:
         """The stratified memory prompts and the original model's images of them."""
         rng = np.random.default_rng(ctx.seed + 99)
-        kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}
-        prompts = ctx.world.memory_prompts(ctx.removed, self.prompts, rng, named=kinds, stratified=True)
+        prompts = ctx.world.memory_prompts(ctx.removed, self.prompts, rng, named=ctx.removed_kinds,
+                                           stratified=True)
         self._pool = {"prompts": prompts, "latents": ctx.base_latents(prompts)}
 
     def batch(self, ctx, batch_size, generator):
@@ -70,10 +70,7 @@ class Repair(Method):
         want = ctx.base_eps(x_k, t_k, keep["prompts"])
         got = ctx.eps(x_k, t_k, ctx.encode(keep["prompts"]))
         held = batch["held"]
-        x_t, _, t = ctx.noisy(held)
-        x0 = ctx.x0(x_t, ctx.eps(x_t, t, ctx.encode(held["prompts"])), t)
-        weight = ctx.family.snr(ctx.noise_scheduler, t).clamp(max=self.snr_cap)
-        image = (weight * (x0 - held["latents"].to(x0.device)).pow(2).flatten(1).mean(1)).mean()
+        image = ctx.x0_error(held, held["latents"], self.snr_cap)
         return {"keep": self.lambda_keep * (got - want).pow(2).mean(), "held": self.lambda_image * image}
 
 
@@ -83,10 +80,6 @@ def repair(ctx, robust) -> dict:
     stage trained (an object's: the coarse levels)."""
     group = stage_recipe(ctx.request, robust)["group"] if robust.repair_group == "stage" else robust.repair_group
     stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts)
-    after = ctx.train_group
-    ctx.restart(stage.param_group)
-    stage.prepare(ctx)
-    stats = train(stage, ctx, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, seed=ctx.seed + 5)
-    ctx.restart(after)
+    stats = run_stage(stage, ctx, seed=ctx.seed + 5)
     return {"repair_group": group, "repair_steps_run": stage.steps, "repair_loss_first": stats["loss_first"],
             "repair_loss_last": stats["loss_last"], "repair_seconds": stats["seconds_training"]}

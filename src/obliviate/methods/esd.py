@@ -110,7 +110,7 @@ class ESD(Method):
             prompts, extra = [p for t in ctx.request.targets
                               for p in ctx.world.prompts_naming(t.name, self.prompts_per_target, rng)], {}
         self._data = {"prompts": prompts, **extra, "latents": ctx.model_latents(prompts)}
-        kinds = {t.kind for r in (*ctx.history, ctx.request) for t in r.targets}  # of every removed concept
+        kinds = ctx.removed_kinds
         if self.lambda_keep:
             keep = ctx.world.memory_prompts(removed, self.keep_prompts, rng, named=kinds,
                                            stratified=self.stratified)
@@ -194,12 +194,8 @@ class ESD(Method):
         return out
 
     def _x0_error(self, ctx, sub: dict, goal: str) -> torch.Tensor:
-        """min(SNR_t, cap)·‖x̂_0,θ(x_t, c, t) − sub[goal]‖², x_t noised from sub["latents"]
-        (Min-SNR weighting: the ε-space loss at high noise, capped where x̂_0 is nearly given)."""
-        x_t, _, t = ctx.noisy(sub)
-        x0 = ctx.x0(x_t, ctx.eps(x_t, t, ctx.encode(sub["prompts"])), t)
-        weight = ctx.family.snr(ctx.noise_scheduler, t).clamp(max=self.image_snr_cap)
-        return (weight * (x0 - sub[goal].to(x0.device)).pow(2).flatten(1).mean(1)).mean()
+        """The paired-image term on a sub-batch: `ctx.x0_error` toward sub[goal]."""
+        return ctx.x0_error(sub, sub[goal], self.image_snr_cap)
 
 
 def _paired(prompts: list[str], anchor_prompts: list[str], drawn) -> dict:
