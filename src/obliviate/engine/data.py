@@ -28,6 +28,22 @@ def sample_pool(pool: dict, n: int, generator: torch.Generator) -> dict:
     return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in pool.items()}
 
 
+def paired_pool(prompts: list[str], anchor_prompts: list[str], drawn) -> dict:
+    """A pool of target prompts, their anchor captions and `drawn`'s images of both (one
+    seed, so a target image and its anchor image share a layout)."""
+    return {"prompts": prompts, "anchor_prompts": anchor_prompts, "latents": drawn(prompts),
+            "anchor_latents": drawn(anchor_prompts)}
+
+
+def either_prompt(pool: dict, n: int, generator: torch.Generator) -> dict:
+    """`n` entries of a paired pool, each conditioned on its target's or its anchor's
+    caption at random (half each)."""
+    sub = sample_pool(pool, n, generator)
+    use_anchor = torch.rand(n, generator=generator).lt(0.5).tolist()
+    sub["prompts"] = [a if use else p for p, a, use in zip(sub["prompts"], sub.pop("anchor_prompts"), use_anchor)]
+    return sub
+
+
 def default_cache_dir() -> Path:
     """`$OBLIVIATE_CACHE`, else `~/.cache/obliviate`."""
     return Path(os.environ.get("OBLIVIATE_CACHE", Path.home() / ".cache" / "obliviate"))

@@ -53,7 +53,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..engine.data import sample_pool
+from ..engine.data import either_prompt, paired_pool, sample_pool
 from .base import Method, register
 
 
@@ -174,22 +174,22 @@ class ESD(Method):
             held += ctx.world.memory_prompts(removed, self.image_memory, rng, named=removed_kinds,
                                              stratified=self.stratified)
         drawn = ctx.base_latents
-        self._images = _paired(forget, anchor, drawn)
+        self._images = paired_pool(forget, anchor, drawn)
         self._held = {"prompts": held, "latents": drawn(held)} if held else None
         earlier = [pair for r in ctx.history for t, a in zip(r.targets, r.anchors)
                    for pair in ctx.world.prompt_pairs(t, a, self.image_replay, rng, avoid=removed)]
-        self._replay = _paired([p for p, _ in earlier], [a for _, a in earlier], drawn) if earlier else None
+        self._replay = paired_pool([p for p, _ in earlier], [a for _, a in earlier], drawn) if earlier else None
 
     def _image_batch(self, ctx, batch_size, generator) -> dict:
         """A sub-batch of target images conditioned on the target's or the anchor's prompt
         (at random), one of kept concepts' images on their own prompts, and half a batch of
         earlier targets' images (`image_replay`) like the first."""
         t_range = (self.image_t_low, self.image_t_high)
-        out = {"image": ctx.draw(_either_prompt(self._images, batch_size, generator), generator, t_range)}
+        out = {"image": ctx.draw(either_prompt(self._images, batch_size, generator), generator, t_range)}
         if self._held:
             out["held"] = ctx.draw(sample_pool(self._held, batch_size, generator), generator, t_range)
         if self._replay:
-            replay = _either_prompt(self._replay, max(1, batch_size // 2), generator)
+            replay = either_prompt(self._replay, max(1, batch_size // 2), generator)
             out["replay"] = ctx.draw(replay, generator, t_range)
         return out
 
@@ -197,17 +197,3 @@ class ESD(Method):
         """The paired-image term on a sub-batch: `ctx.x0_error` toward sub[goal]."""
         return ctx.x0_error(sub, sub[goal], self.image_snr_cap)
 
-
-def _paired(prompts: list[str], anchor_prompts: list[str], drawn) -> dict:
-    """A pool of target prompts, their anchor captions and `drawn`'s images of both."""
-    return {"prompts": prompts, "anchor_prompts": anchor_prompts, "latents": drawn(prompts),
-            "anchor_latents": drawn(anchor_prompts)}
-
-
-def _either_prompt(pool: dict, n: int, generator: torch.Generator) -> dict:
-    """`n` entries of a paired pool, each conditioned on its target's or its anchor's
-    caption at random (half each)."""
-    sub = sample_pool(pool, n, generator)
-    use_anchor = torch.rand(n, generator=generator).lt(0.5).tolist()
-    sub["prompts"] = [a if use else p for p, a, use in zip(sub["prompts"], sub.pop("anchor_prompts"), use_anchor)]
-    return sub
