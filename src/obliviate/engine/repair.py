@@ -30,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..methods.base import Method
-from .data import either_prompt, paired_pool, sample_pool
+from .data import sample_pool
 from .harden import stage_recipe
 from .loop import run_stage
 
@@ -39,6 +39,7 @@ from .loop import run_stage
 class Repair(Method):
     """The repair stage as an engine method (not a user-facing one: it removes nothing)."""
 
+    name: ClassVar[str] = "repair"
     param_group: str = "non-attn2"
     steps: int = 40
     lr: float = 1e-4
@@ -49,11 +50,7 @@ class Repair(Method):
     image_t_low: int = 200
     image_t_high: int = 1000
     snr_cap: float = 5.0
-    lambda_forget: float = 0.0
-    forget_pairs: int = 24
-    forget_prompts: ClassVar = (("forget", "prompts"),)
     _pool: dict = field(default_factory=dict, repr=False)
-    _forget: dict = field(default_factory=dict, repr=False)
 
     def prepare(self, ctx) -> None:
         """The stratified memory prompts and the original model's images of them."""
@@ -61,35 +58,22 @@ class Repair(Method):
         prompts = ctx.world.memory_prompts(ctx.removed, self.prompts, rng, named=ctx.removed_kinds,
                                            stratified=True)
         self._pool = {"prompts": prompts, "latents": ctx.base_latents(prompts)}
-        if self.lambda_forget:  # every target of the lineage, to its recorded anchor
-            named = [(t, a) for r in [*ctx.history, ctx.request] for t, a in zip(r.targets, r.anchors)]
-            pairs = [pair for t, a in named
-                     for pair in ctx.world.prompt_pairs(t, a, self.forget_pairs, rng, avoid=ctx.removed)]
-            self._forget = paired_pool([p for p, _ in pairs], [a for _, a in pairs], ctx.base_latents)
 
     def batch(self, ctx, batch_size, generator):
-        """A sub-batch for each term, drawn independently from its pool."""
-        t_range = (self.image_t_low, self.image_t_high)
-        out = {"keep": ctx.draw(sample_pool(self._pool, batch_size, generator), generator),
-               "held": ctx.draw(sample_pool(self._pool, batch_size, generator), generator, t_range)}
-        if self.lambda_forget:
-            out["forget"] = ctx.draw(either_prompt(self._forget, batch_size, generator), generator, t_range)
-        return out
+        """A sub-batch for each term, drawn independently from the pool."""
+        return {"keep": ctx.draw(sample_pool(self._pool, batch_size, generator), generator),
+                "held": ctx.draw(sample_pool(self._pool, batch_size, generator), generator,
+                                 (self.image_t_low, self.image_t_high))}
 
     def loss(self, ctx, batch):
-        """λ_keep·(ε match to the original) + λ_img·(min-SNR-weighted x̂_0 match to its images)
-        [+ λ_forget·(the same x̂_0 match of removed targets' images to their anchors' images)]."""
+        """λ_keep·(ε match to the original) + λ_img·(min-SNR-weighted x̂_0 match to its images)."""
         keep = batch["keep"]
         x_k, _, t_k = ctx.noisy(keep)
         want = ctx.base_eps(x_k, t_k, keep["prompts"])
         got = ctx.eps(x_k, t_k, ctx.encode(keep["prompts"]))
         held = batch["held"]
         image = ctx.x0_error(held, held["latents"], self.snr_cap)
-        terms = {"keep": self.lambda_keep * (got - want).pow(2).mean(), "held": self.lambda_image * image}
-        if "forget" in batch:
-            forget = batch["forget"]
-            terms["forget"] = self.lambda_forget * ctx.x0_error(forget, forget["anchor_latents"], self.snr_cap)
-        return terms
+        return {"keep": self.lambda_keep * (got - want).pow(2).mean(), "held": self.lambda_image * image}
 
 
 def repair(ctx, robust) -> dict:
@@ -97,21 +81,7 @@ def repair(ctx, robust) -> dict:
     on `robust.repair_group`: `non-attn2`, or `stage`, the group this request's hardening
     stage trained (an object's: the coarse levels)."""
     group = stage_recipe(ctx.request, robust)["group"] if robust.repair_group == "stage" else robust.repair_group
-    stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts,
-                   lambda_forget=robust.repair_forget)
-    stats = run_stage(stage, ctx, seed=ctx.seed + 5, robust=lambda: _kept_soft_prompts(ctx, robust, stage))
+    stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts)
+    stats = run_stage(stage, ctx, seed=ctx.seed + 5)
     return {"repair_group": group, "repair_steps_run": stage.steps, "repair_loss_first": stats["loss_first"],
             "repair_loss_last": stats["loss_last"], "repair_seconds": stats["seconds_training"]}
-
-
-def _kept_soft_prompts(ctx, robust, stage):
-    """With the forget term and soft prompts kept in the lineage (mined by this request and
-    earlier ones), a Robust that mines nothing and names a share `share` of the forget
-    term's targets through them; else None."""
-    from .robust import Robust
-
-    if not (stage.lambda_forget and any(robust.vectors.values())):
-        return None
-    kept = Robust.checked(robust.settings(), robust.vectors)
-    kept.prepare(ctx, mine_for=[])
-    return kept
