@@ -19,7 +19,11 @@ forget term; this one is not, and it looks at every concept that must stay, not 
 them. Off by default (`repair_steps=0`): at 120 steps it held the lowest never-removed concept
 at 0.987-0.997 of the shipped model's over six requests on two seeds, but star came back
 to 0.35 under the strongest soft-prompt rungs after six (0.29 without it): it gives some of
-the hardening back. Measurements and variants: docs/experiments.md, session 34.
+the hardening back (striped alone: 0.63 under a 1000-step rung). Pushing the removed
+targets' images to their anchors' during it, or holding them as the model before it drew
+them, cost diamond 0.78-0.89 over six requests and did not hold star (the hold kept one
+striped request at its floors but for blue 0.031, rungs ≤ 0.19, one seed).
+Measurements and variants: docs/experiments.md, sessions 34-35.
 """
 
 from __future__ import annotations
