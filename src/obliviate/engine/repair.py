@@ -22,7 +22,7 @@ to 0.35 under the strongest soft-prompt rungs after six (0.29 without it): it gi
 the hardening back (striped alone: 0.63 under a 1000-step rung). Pushing the removed
 targets' images to their anchors' during it, or holding them as the model before it drew
 them, cost diamond 0.78-0.89 over six requests and did not hold star (the hold kept one
-striped request at its floors but for blue 0.031, rungs ≤ 0.19, one seed).
+striped request at its floors but for one colour at 0.031-0.036, rungs ≤ 0.19, two seeds).
 Measurements and variants: docs/experiments.md, sessions 34-35.
 """
 
