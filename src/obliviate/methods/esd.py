@@ -196,4 +196,3 @@ class ESD(Method):
     def _x0_error(self, ctx, sub: dict, goal: str) -> torch.Tensor:
         """The paired-image term on a sub-batch: `ctx.x0_error` toward sub[goal]."""
         return ctx.x0_error(sub, sub[goal], self.image_snr_cap)
-
