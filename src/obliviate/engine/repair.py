@@ -19,11 +19,9 @@ forget term; this one is not, and it looks at every concept that must stay, not 
 them. Off by default (`repair_steps=0`): at 120 steps it held the lowest never-removed concept
 at 0.987-0.997 of the shipped model's over six requests on two seeds, but star came back
 to 0.35 under the strongest soft-prompt rungs after six (0.29 without it): it gives some of
-the hardening back (striped alone: 0.63 under a 1000-step rung). Pushing the removed
-targets' images to their anchors' during it, or holding them as the model before it drew
-them, cost diamond 0.78-0.89 over six requests and did not hold star (the hold kept one
-striped request at its floors but for one colour at 0.031-0.036, rungs ≤ 0.19, two seeds).
-Measurements and variants: docs/experiments.md, sessions 34-35.
+the hardening back, on a style request too. Terms that push or hold the removed targets'
+images during it were measured and dropped. Measurements and variants: docs/experiments.md,
+sessions 34-35.
 """
 
 from __future__ import annotations
