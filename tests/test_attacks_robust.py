@@ -153,6 +153,43 @@ def test_the_paired_image_term_denoises_the_targets_images_to_their_anchor_count
     assert distances[10.0] < 0.8 * distances[0.0], distances
 
 
+def test_the_repairs_hold_term_keeps_what_the_request_did_to_the_targets_images(tmp_path, monkeypatch):
+    """`repair_hold`: the repair pulls the body towards the lineage's original, which would
+    give the removal back on the target's own images; with the hold term the model after
+    the repair stays closer, on star's images, to the model before it than without."""
+    import numpy as np
+    import torch
+
+    from obliviate.engine.data import LatentCache
+    from obliviate.finetune import prompt_ids
+    from obliviate.concepts import world_for
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    base = load_pipeline("shapes")
+    world = world_for(base)
+    prompts = [p for p, _ in world.prompt_pairs(world.target("star"), "cross", 8, np.random.default_rng(3))]
+    latents = LatentCache().get(base, "base", prompts, 0)
+    generator = torch.Generator().manual_seed(1)
+    noise, t = torch.randn(latents.shape, generator=generator), torch.randint(100, 900, (len(prompts),),
+                                                                              generator=generator)
+
+    def eps(pipe):
+        with torch.no_grad():
+            return pipe.unet(base.scheduler.add_noise(latents, noise, t), t,
+                             pipe.text_encoder(prompt_ids(pipe.tokenizer, prompts))[0]).sample
+
+    robust = {"harden_steps": 0, "repair_prompts": 8, "harden_lr": 1e-3}
+    runs = {}
+    for steps, hold in ((0, 0.0), (10, 0.0), (10, 10.0)):
+        pipe = load_pipeline("shapes")
+        erase(pipe, Request(("star",)), robust={**robust, "repair_steps": steps, "repair_hold": hold},
+              steps=10, batch_size=4, progress=False)
+        runs[steps, hold] = eps(pipe)
+    before = runs[0, 0.0]
+    drift = {hold: float((runs[10, hold] - before).pow(2).mean()) for hold in (0.0, 10.0)}
+    assert drift[10.0] < 0.8 * drift[0.0], drift
+
+
 def test_robust_wraps_esd_and_uce_has_a_closed_form_variant(shapes_base, tmp_path):
     pipe = load_pipeline(shapes_base)
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}

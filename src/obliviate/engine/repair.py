@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..methods.base import Method
-from .data import sample_pool
+from .data import either_prompt, paired_pool, sample_pool
 from .harden import stage_recipe
 from .loop import run_stage
 
@@ -52,7 +52,10 @@ class Repair(Method):
     image_t_low: int = 200
     image_t_high: int = 1000
     snr_cap: float = 5.0
+    lambda_hold: float = 0.0
+    hold_pairs: int = 24
     _pool: dict = field(default_factory=dict, repr=False)
+    _hold: dict | None = field(default=None, repr=False)
 
     def prepare(self, ctx) -> None:
         """The stratified memory prompts and the original model's images of them."""
@@ -60,22 +63,44 @@ class Repair(Method):
         prompts = ctx.world.memory_prompts(ctx.removed, self.prompts, rng, named=ctx.removed_kinds,
                                            stratified=True)
         self._pool = {"prompts": prompts, "latents": ctx.base_latents(prompts)}
+        self._hold = self._hold_pool(ctx) if self.lambda_hold else None
+
+    def _hold_pool(self, ctx) -> dict:
+        """`hold_pairs` prompt pairs for every removed target of the lineage (this request's
+        included) with its anchor, the original's drawings of both (same seed), and φ, the
+        model before this stage, frozen: what the hold term keeps."""
+        pairs = [pair for r in (*ctx.history, ctx.request) for t, a in zip(r.targets, r.anchors)
+                 for pair in ctx.world.prompt_pairs(t, a, self.hold_pairs,
+                                                    np.random.default_rng([ctx.seed, *t.name.encode()]))]
+        ctx.freeze()
+        return paired_pool([p for p, _ in pairs], [a for _, a in pairs], ctx.base_latents)
 
     def batch(self, ctx, batch_size, generator):
-        """A sub-batch for each term, drawn independently from the pool."""
-        return {"keep": ctx.draw(sample_pool(self._pool, batch_size, generator), generator),
-                "held": ctx.draw(sample_pool(self._pool, batch_size, generator), generator,
-                                 (self.image_t_low, self.image_t_high))}
+        """A sub-batch for each term, drawn independently from its pool."""
+        batch = {"keep": ctx.draw(sample_pool(self._pool, batch_size, generator), generator),
+                 "held": ctx.draw(sample_pool(self._pool, batch_size, generator), generator,
+                                  (self.image_t_low, self.image_t_high))}
+        if self._hold:
+            batch["hold"] = ctx.draw(either_prompt(self._hold, batch_size, generator), generator)
+        return batch
 
     def loss(self, ctx, batch):
-        """λ_keep·(ε match to the original) + λ_img·(min-SNR-weighted x̂_0 match to its images)."""
+        """λ_keep·(ε match to the original) + λ_img·(min-SNR-weighted x̂_0 match to its images)
+        [+ λ_hold·(ε match to φ on the removed targets' images)]."""
         keep = batch["keep"]
         x_k, _, t_k = ctx.noisy(keep)
         want = ctx.base_eps(x_k, t_k, keep["prompts"])
         got = ctx.eps(x_k, t_k, ctx.encode(keep["prompts"]))
         held = batch["held"]
         image = ctx.x0_error(held, held["latents"], self.snr_cap)
-        return {"keep": self.lambda_keep * (got - want).pow(2).mean(), "held": self.lambda_image * image}
+        terms = {"keep": self.lambda_keep * (got - want).pow(2).mean(), "held": self.lambda_image * image}
+        if "hold" in batch:
+            hold = batch["hold"]
+            x_h, _, t_h = ctx.noisy(hold)
+            cond = ctx.encode(hold["prompts"], frozen=True)
+            drift = ctx.eps(x_h, t_h, cond) - ctx.eps(x_h, t_h, cond, frozen=True)
+            terms["hold"] = self.lambda_hold * drift.pow(2).mean()
+        return terms
 
 
 def repair(ctx, robust) -> dict:
@@ -83,7 +108,8 @@ def repair(ctx, robust) -> dict:
     on `robust.repair_group`: `non-attn2`, or `stage`, the group this request's hardening
     stage trained (an object's: the coarse levels)."""
     group = stage_recipe(ctx.request, robust)["group"] if robust.repair_group == "stage" else robust.repair_group
-    stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts)
+    stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts,
+                   lambda_hold=robust.repair_hold)
     stats = run_stage(stage, ctx, seed=ctx.seed + 5)
     return {"repair_group": group, "repair_steps_run": stage.steps, "repair_loss_first": stats["loss_first"],
             "repair_loss_last": stats["loss_last"], "repair_seconds": stats["seconds_training"]}

@@ -77,7 +77,7 @@ _RANGES = {
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
-    "repair_steps": (0, None, False), "repair_prompts": (1, None, False),
+    "repair_steps": (0, None, False), "repair_prompts": (1, None, False), "repair_hold": (0, None, False),
 }
 # Allowed values of each text setting.
 _CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
@@ -109,6 +109,7 @@ class Robust:
     repair_steps: int = 0
     repair_prompts: int = 96
     repair_group: str = "non-attn2"
+    repair_hold: float = 0.0
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
