@@ -103,6 +103,15 @@ class Repair(Method):
         return terms
 
 
+def repairs(request, robust) -> bool:
+    """Whether `request` gets the repair stage: `repair_steps` > 0, on every request
+    (`repair_on=every`) or only on one naming a style (`repair_on=style`, where a request's
+    hardening costs the most never-removed concepts; on an object's coarse levels the
+    repair's hold took diamond down over six requests)."""
+    return bool(robust.repair_steps) and (robust.repair_on == "every"
+                                          or any(t.kind == "style" for t in request.targets))
+
+
 def repair(ctx, robust) -> dict:
     """Run the repair stage on `ctx` for `robust.repair_steps` steps (after the method's stage),
     on `robust.repair_group`: `non-attn2`, or `stage`, the group this request's hardening

@@ -81,7 +81,8 @@ _RANGES = {
 }
 # Allowed values of each text setting.
 _CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
-            "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage")}
+            "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage"),
+            "repair_on": ("every", "style")}
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Robust:
     repair_prompts: int = 96
     repair_group: str = "non-attn2"
     repair_hold: float = 0.0
+    repair_on: str = "every"
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
