@@ -54,6 +54,7 @@ class Repair(Method):
     snr_cap: float = 5.0
     lambda_hold: float = 0.0
     hold_pairs: int = 24
+    hold_targets: str = "lineage"
     _pool: dict = field(default_factory=dict, repr=False)
     _hold: dict | None = field(default=None, repr=False)
 
@@ -67,9 +68,11 @@ class Repair(Method):
 
     def _hold_pool(self, ctx) -> dict:
         """`hold_pairs` prompt pairs for every removed target of the lineage (this request's
-        included) with its anchor, the original's drawings of both (same seed), and φ, the
-        model before this stage, frozen: what the hold term keeps."""
-        pairs = [pair for r in (*ctx.history, ctx.request) for t, a in zip(r.targets, r.anchors)
+        included; `hold_targets="request"`: this request's only) with its anchor, the
+        original's drawings of both (same seed), and φ, the model before this stage, frozen:
+        what the hold term keeps."""
+        requests = (ctx.request,) if self.hold_targets == "request" else (*ctx.history, ctx.request)
+        pairs = [pair for r in requests for t, a in zip(r.targets, r.anchors)
                  for pair in ctx.world.prompt_pairs(t, a, self.hold_pairs,
                                                     np.random.default_rng([ctx.seed, *t.name.encode()]))]
         ctx.freeze()
@@ -118,7 +121,7 @@ def repair(ctx, robust) -> dict:
     stage trained (an object's: the coarse levels)."""
     group = stage_recipe(ctx.request, robust)["group"] if robust.repair_group == "stage" else robust.repair_group
     stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts,
-                   lambda_hold=robust.repair_hold)
+                   lambda_hold=robust.repair_hold, hold_targets=robust.repair_hold_targets)
     stats = run_stage(stage, ctx, seed=ctx.seed + 5)
     return {"repair_group": group, "repair_steps_run": stage.steps, "repair_loss_first": stats["loss_first"],
             "repair_loss_last": stats["loss_last"], "repair_seconds": stats["seconds_training"]}

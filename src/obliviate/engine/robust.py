@@ -82,7 +82,7 @@ _RANGES = {
 # Allowed values of each text setting.
 _CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
             "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage"),
-            "repair_on": ("every", "style")}
+            "repair_on": ("every", "style"), "repair_hold_targets": ("lineage", "request")}
 
 
 @dataclass
@@ -112,6 +112,7 @@ class Robust:
     repair_group: str = "non-attn2"
     repair_hold: float = 0.0
     repair_on: str = "every"
+    repair_hold_targets: str = "lineage"
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
