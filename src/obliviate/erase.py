@@ -30,7 +30,7 @@ from .engine.data import LatentCache
 from .engine.harden import harden
 from .engine.loop import train
 from .engine.refresh import Refresh
-from .engine.repair import repair, repairs
+from .engine.repair import repair
 from .engine.robust import Robust, trains_soft_prompts
 from .errors import ObliviateError
 from .ledger import Ledger, LedgerEntry, pipeline_state, weights_sha256
@@ -179,7 +179,7 @@ def erase(
                           resume=resume, refresh=plugin, robust=miner,
                           checkpoint_info={"identity": identity, "started": start})
             stats.update(hardened)
-            if adversary and repairs(resolved, adversary):
+            if adversary and adversary.repair_steps:
                 stats.update(repair(ctx, adversary))
     if gradient_checkpointing:
         set_gradient_checkpointing(pipe, ctx.family, False)

@@ -2,6 +2,7 @@
 lineage's original model for a few steps, with nothing to forget.
 
     L = λ_keep·‖ε_θ(x_t, c, t) − ε_0(x_t, c, t)‖² + λ_img·min(SNR_t, 5)·‖x̂_0,θ(x_t, c, t) − x_0(c)‖²
+        [+ λ_hold·‖ε_θ(x_t', c', t') − ε_φ(x_t', c', t')‖²]
 c: `repair_prompts` memory prompts naming no removed concept and a concept of every removed
 kind, dealt so that each never-removed concept of those kinds is named equally often
 (`ConceptWorld.memory_prompts(stratified=True)`); ε_0 and x_0(c) are the lineage's original
@@ -9,7 +10,10 @@ model's prediction and its drawing (same seed). Trained on the denoiser's body w
 cross-attention (`repair_group=non-attn2`; `stage`: only where this request's hardening
 trained, an object's coarse levels; the method's edit of the cross-attention is left as the
 method made it) for `repair_steps` steps at `harden_lr`, λ_keep 10 and λ_img 2 as in a
-style's hardening stage.
+style's hardening stage. With `repair_hold` = λ_hold > 0, x_t' are noisy images of every
+removed target of the lineage, 24 pairs each as the original draws them, c' the target's or
+its anchor's caption, t' over the whole range, and φ the model before the repair stage: what
+the hardening did to the targets is held while the rest is pulled back.
 
 Why: each request's hardening stage moves never-removed concepts by a few hundredths in a
 direction its draw decides (which data, which order), and the moves add up over requests: at
@@ -19,9 +23,10 @@ forget term; this one is not, and it looks at every concept that must stay, not 
 them. Off by default (`repair_steps=0`): at 120 steps it held the lowest never-removed concept
 at 0.987-0.997 of the shipped model's over six requests on two seeds, but star came back
 to 0.35 under the strongest soft-prompt rungs after six (0.29 without it): it gives some of
-the hardening back, on a style request too. Terms that push or hold the removed targets'
-images during it were measured and dropped. Measurements and variants: docs/experiments.md,
-sessions 34-35.
+the hardening back, on a style request too. The hold term (off by default) keeps a single
+style request near issue 18's floors but not on three seeds, and costs diamond over six
+requests; a term that pushes the targets' images to their anchors was dropped. Measurements
+and variants: docs/experiments.md, sessions 34-36.
 """
 
 from __future__ import annotations
@@ -54,7 +59,6 @@ class Repair(Method):
     snr_cap: float = 5.0
     lambda_hold: float = 0.0
     hold_pairs: int = 24
-    hold_targets: str = "lineage"
     _pool: dict = field(default_factory=dict, repr=False)
     _hold: dict | None = field(default=None, repr=False)
 
@@ -68,11 +72,9 @@ class Repair(Method):
 
     def _hold_pool(self, ctx) -> dict:
         """`hold_pairs` prompt pairs for every removed target of the lineage (this request's
-        included; `hold_targets="request"`: this request's only) with its anchor, the
-        original's drawings of both (same seed), and φ, the model before this stage, frozen:
-        what the hold term keeps."""
-        requests = (ctx.request,) if self.hold_targets == "request" else (*ctx.history, ctx.request)
-        pairs = [pair for r in requests for t, a in zip(r.targets, r.anchors)
+        included) with its anchor, the original's drawings of both (same seed), and φ, the
+        model before this stage, frozen: what the hold term keeps."""
+        pairs = [pair for r in (*ctx.history, ctx.request) for t, a in zip(r.targets, r.anchors)
                  for pair in ctx.world.prompt_pairs(t, a, self.hold_pairs,
                                                     np.random.default_rng([ctx.seed, *t.name.encode()]))]
         ctx.freeze()
@@ -106,22 +108,13 @@ class Repair(Method):
         return terms
 
 
-def repairs(request, robust) -> bool:
-    """Whether `request` gets the repair stage: `repair_steps` > 0, on every request
-    (`repair_on=every`) or only on one naming a style (`repair_on=style`, where a request's
-    hardening costs the most never-removed concepts; on an object's coarse levels the
-    repair's hold took diamond down over six requests)."""
-    return bool(robust.repair_steps) and (robust.repair_on == "every"
-                                          or any(t.kind == "style" for t in request.targets))
-
-
 def repair(ctx, robust) -> dict:
     """Run the repair stage on `ctx` for `robust.repair_steps` steps (after the method's stage),
     on `robust.repair_group`: `non-attn2`, or `stage`, the group this request's hardening
     stage trained (an object's: the coarse levels)."""
     group = stage_recipe(ctx.request, robust)["group"] if robust.repair_group == "stage" else robust.repair_group
     stage = Repair(param_group=group, steps=robust.repair_steps, lr=robust.harden_lr, prompts=robust.repair_prompts,
-                   lambda_hold=robust.repair_hold, hold_targets=robust.repair_hold_targets)
+                   lambda_hold=robust.repair_hold)
     stats = run_stage(stage, ctx, seed=ctx.seed + 5)
     return {"repair_group": group, "repair_steps_run": stage.steps, "repair_loss_first": stats["loss_first"],
             "repair_loss_last": stats["loss_last"], "repair_seconds": stats["seconds_training"]}

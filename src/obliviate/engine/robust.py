@@ -20,7 +20,8 @@ second Robust whose pools are these: they are kept in the lineage the same way.
 Stages a gradient method's request runs under `--robust`: the hardening stage
 (`harden_steps`, engine.harden), the method's own stage (mining here when `mining`), and the
 repair stage (`repair_steps`, engine.repair), which holds what must stay to the lineage's
-original model with nothing to forget.
+original model with nothing to forget (`repair_hold`: and holds the removed targets' images
+to the model before it).
 Choices and what they cost are in docs/experiments.md.
 """
 
@@ -81,8 +82,7 @@ _RANGES = {
 }
 # Allowed values of each text setting.
 _CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
-            "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage"),
-            "repair_on": ("every", "style"), "repair_hold_targets": ("lineage", "request")}
+            "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage")}
 
 
 @dataclass
@@ -111,8 +111,6 @@ class Robust:
     repair_prompts: int = 96
     repair_group: str = "non-attn2"
     repair_hold: float = 0.0
-    repair_on: str = "every"
-    repair_hold_targets: str = "lineage"
     every: int = 10
     mine_steps: int = 20
     first_steps: int = 60
