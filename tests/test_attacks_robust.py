@@ -160,9 +160,9 @@ def test_the_repairs_hold_term_keeps_what_the_request_did_to_the_targets_images(
     import numpy as np
     import torch
 
+    from obliviate.concepts import world_for
     from obliviate.engine.data import LatentCache
     from obliviate.finetune import prompt_ids
-    from obliviate.concepts import world_for
 
     monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
     base = load_pipeline("shapes")
@@ -170,13 +170,13 @@ def test_the_repairs_hold_term_keeps_what_the_request_did_to_the_targets_images(
     prompts = [p for p, _ in world.prompt_pairs(world.target("star"), "cross", 8, np.random.default_rng(3))]
     latents = LatentCache().get(base, "base", prompts, 0)
     generator = torch.Generator().manual_seed(1)
-    noise, t = torch.randn(latents.shape, generator=generator), torch.randint(100, 900, (len(prompts),),
-                                                                              generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(100, 900, (len(prompts),), generator=generator)
+    x_t, ids = base.scheduler.add_noise(latents, noise, t), prompt_ids(base.tokenizer, prompts)
 
     def eps(pipe):
         with torch.no_grad():
-            return pipe.unet(base.scheduler.add_noise(latents, noise, t), t,
-                             pipe.text_encoder(prompt_ids(pipe.tokenizer, prompts))[0]).sample
+            return pipe.unet(x_t, t, pipe.text_encoder(ids)[0]).sample
 
     robust = {"harden_steps": 0, "repair_prompts": 8, "harden_lr": 1e-3}
     runs = {}

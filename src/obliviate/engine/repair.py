@@ -68,16 +68,19 @@ class Repair(Method):
         prompts = ctx.world.memory_prompts(ctx.removed, self.prompts, rng, named=ctx.removed_kinds,
                                            stratified=True)
         self._pool = {"prompts": prompts, "latents": ctx.base_latents(prompts)}
-        self._hold = self._hold_pool(ctx) if self.lambda_hold else None
+        self._hold = None
+        if self.lambda_hold:
+            ctx.freeze()  # φ: the model before this stage, what the hold term keeps
+            self._hold = self._hold_pool(ctx)
 
     def _hold_pool(self, ctx) -> dict:
         """`hold_pairs` prompt pairs for every removed target of the lineage (this request's
-        included) with its anchor, the original's drawings of both (same seed), and φ, the
-        model before this stage, frozen: what the hold term keeps."""
+        included) with its anchor, and the original's drawings of both (same seed). Each
+        target's pairs come from a seed of its own, so later requests draw the same prompts
+        and find their images in the latent cache."""
         pairs = [pair for r in (*ctx.history, ctx.request) for t, a in zip(r.targets, r.anchors)
                  for pair in ctx.world.prompt_pairs(t, a, self.hold_pairs,
                                                     np.random.default_rng([ctx.seed, *t.name.encode()]))]
-        ctx.freeze()
         return paired_pool([p for p, _ in pairs], [a for _, a in pairs], ctx.base_latents)
 
     def batch(self, ctx, batch_size, generator):
