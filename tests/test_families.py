@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from obliviate import ObliviateError, load_pipeline
 from obliviate.engine.attention import capture_cross_attention, cross_attention_names
+from obliviate.engine.context import EraseContext
 from obliviate.erase import erase
 from obliviate.families import family_of
 from obliviate.ledger import pipeline_state, weights_sha256
@@ -220,6 +222,29 @@ def test_duge_robust_hardens_the_body_on_every_family(tmp_path, monkeypatch, fam
     result = erase(pipe, Request(("square",)), method="uce", out=tmp_path / "uce", robust=True, progress=False)
     changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
     assert changed and all(RULES[family]["uce"](k) for k in changed) and result.stats["rece_rounds"] == 3
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_one_denoiser_call_for_several_sub_batches_predicts_what_separate_calls_predict(tmp_path, monkeypatch,
+                                                                                      family):
+    """`eps_joint` (the hardening stage's θ and φ passes) stacks sub-batches, with every
+    family's extra conditioning, into one call: each part must get the prediction a call of
+    its own gives, from prompts (encoded together) or from a conditioning (the empty prompt's,
+    expanded)."""
+    pipe = load_pipeline(tiny_base(tmp_path, monkeypatch, family))
+    ctx = EraseContext(pipe=pipe, world=None, request=None, history=[], accelerator=Accelerator(cpu=True),
+                       model_sha="", base_sha="", cache=None)
+    fam, side = ctx.family, ctx.family.native_size(pipe)
+    torch.manual_seed(0)
+    latents = lambda n: fam.pack(pipe, torch.randn(n, fam.latent_channels(pipe), side, side))  # noqa: E731
+    parts = [(latents(1), torch.tensor([50]), ["a red star"]),
+             (latents(3), torch.tensor([10, 400, 900]), ["a blue circle", "a star", ""]),
+             (latents(2), torch.tensor([700, 999]), ctx.encode([""]).expand(2))]
+    with torch.no_grad():
+        joint = ctx.eps_joint(parts)
+        alone = [ctx.eps(x, t, ctx.encode(c) if isinstance(c, list) else c) for x, t, c in parts]
+    assert [p.shape for p in joint] == [p.shape for p in alone]
+    assert all(torch.allclose(j, a, atol=1e-5) for j, a in zip(joint, alone))
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])

@@ -166,6 +166,29 @@ class EraseContext:
                     return self.family.predict(self.denoiser(frozen=True), x_t, t, context)
             return self.family.predict(self.denoiser(), x_t, t, context)
 
+    def eps_joint(self, parts: list[tuple], frozen: bool = False) -> list[torch.Tensor]:
+        """`eps` for several (x_t, t, c) sub-batches in one denoiser call, split back in order;
+        c is a `Conditioning` or a list of prompts (every part's prompts encoded in one call,
+        by φ's encoders with `frozen`, else θ's).
+
+        The denoiser and the text encoders treat batch rows independently (norms are per
+        sample), so each part gets the prediction a call of its own gives, up to float
+        rounding; on the shapes model on a CPU one call of 32 rows costs about two thirds of
+        four calls of 8, backward included (docs/experiments.md, session 37)."""
+        prompts = [p for _, _, c in parts if isinstance(c, list) for p in c]
+        encoded = self.encode(prompts, frozen=frozen) if prompts else None
+        contexts, at = [], 0
+        for _, _, c in parts:
+            if isinstance(c, list):
+                contexts.append(encoded.rows(slice(at, at + len(c))))
+                at += len(c)
+            else:
+                contexts.append(c)
+        x_t = torch.cat([x for x, _, _ in parts])
+        t = torch.cat([t for _, t, _ in parts])
+        pred = self.eps(x_t, t, Conditioning.cat(contexts), frozen=frozen)
+        return list(pred.split([len(x) for x, _, _ in parts]))
+
     def target(self, sub: dict) -> torch.Tensor:
         """What the denoiser should predict for a drawn sub-batch: ε for ε-prediction, the
         velocity for v-prediction (Stable Diffusion 2.x at 768 px), ε − x_0 for flow matching."""
@@ -176,12 +199,16 @@ class EraseContext:
         """The clean latent a prediction of the denoiser implies at x_t, t."""
         return self.family.x0(self.noise_scheduler, x_t, pred, t)
 
-    def x0_error(self, sub: dict, goal: torch.Tensor, snr_cap: float) -> torch.Tensor:
+    def x0_error(self, sub: dict, goal: torch.Tensor, snr_cap: float,
+                 pred: torch.Tensor | None = None) -> torch.Tensor:
         """min(SNR_t, cap)·‖x̂_0,θ(x_t, c, t) − goal‖² on a drawn sub-batch, x_t noised from
         sub["latents"] (Min-SNR weighting: the ε-space loss at high noise, capped where x̂_0
-        is nearly given)."""
+        is nearly given). `pred`: θ's prediction on the sub-batch where the caller made it
+        already (`eps_joint`)."""
         x_t, _, t = self.noisy(sub)
-        x0 = self.x0(x_t, self.eps(x_t, t, self.encode(sub["prompts"])), t)
+        if pred is None:
+            pred = self.eps(x_t, t, self.encode(sub["prompts"]))
+        x0 = self.x0(x_t, pred, t)
         weight = self.family.snr(self.noise_scheduler, t).clamp(max=snr_cap)
         return (weight * (x0 - goal.to(x0.device)).pow(2).flatten(1).mean(1)).mean()
 

@@ -95,18 +95,20 @@ class Repair(Method):
     def loss(self, ctx, batch):
         """λ_keep·(ε match to the original) + λ_img·(min-SNR-weighted x̂_0 match to its images)
         [+ λ_hold·(ε match to φ on the removed targets' images)]."""
-        keep = batch["keep"]
+        keep, held = batch["keep"], batch["held"]
         x_k, _, t_k = ctx.noisy(keep)
+        x_i, _, t_i = ctx.noisy(held)
+        parts = [(x_k, t_k, list(keep["prompts"])), (x_i, t_i, list(held["prompts"]))]
+        if "hold" in batch:
+            x_h, _, t_h = ctx.noisy(batch["hold"])
+            cond = ctx.encode(batch["hold"]["prompts"], frozen=True)
+            parts.append((x_h, t_h, cond))
+        got, held_pred, *hold_pred = ctx.eps_joint(parts)  # θ on every sub-batch in one call
         want = ctx.base_eps(x_k, t_k, keep["prompts"])
-        got = ctx.eps(x_k, t_k, ctx.encode(keep["prompts"]))
-        held = batch["held"]
-        image = ctx.x0_error(held, held["latents"], self.snr_cap)
+        image = ctx.x0_error(held, held["latents"], self.snr_cap, pred=held_pred)
         terms = {"keep": self.lambda_keep * (got - want).pow(2).mean(), "held": self.lambda_image * image}
         if "hold" in batch:
-            hold = batch["hold"]
-            x_h, _, t_h = ctx.noisy(hold)
-            cond = ctx.encode(hold["prompts"], frozen=True)
-            drift = ctx.eps(x_h, t_h, cond) - ctx.eps(x_h, t_h, cond, frozen=True)
+            drift = hold_pred[0] - ctx.eps(x_h, t_h, cond, frozen=True)
             terms["hold"] = self.lambda_hold * drift.pow(2).mean()
         return terms
 

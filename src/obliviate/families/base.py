@@ -27,6 +27,13 @@ class Conditioning:
         return Conditioning(self.states.expand(n, *self.states.shape[1:]),
                             {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()})
 
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        """Several conditionings stacked along the batch, in order (one denoiser call for
+        several sub-batches)."""
+        return Conditioning(torch.cat([p.states for p in parts]),
+                            {k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra})
+
 
 Getter = Callable[[str], nn.Module]
 

@@ -132,28 +132,37 @@ class ESD(Method):
 
     def loss(self, ctx, batch):
         x_t, _, t = ctx.noisy(batch)
-        cond_frozen = ctx.encode(batch.get("_plain_prompts", batch["prompts"]), frozen=True)
-        e_c = ctx.eps(x_t, t, cond_frozen, frozen=True)
-        ref = (ctx.encode(batch["anchor_prompts"], frozen=True) if "anchor_prompts" in batch
-               else self._null.expand(len(x_t)))
-        e_0 = ctx.eps(x_t, t, ref, frozen=True)
-        target = e_0 - self.eta * (e_c - e_0)
-        terms = {"esd": (ctx.eps(x_t, t, ctx.encode(batch["prompts"])) - target).pow(2).mean()}
+        ref = list(batch["anchor_prompts"]) if "anchor_prompts" in batch else self._null.expand(len(x_t))
+        frozen = [(x_t, t, list(batch.get("_plain_prompts", batch["prompts"]))), (x_t, t, ref)]
+        # the keep term's reference is φ's too where the lineage has no separate original
+        keep_by_phi = "keep" in batch and (self.keep_reference == "before" or ctx.base_pipe() is None)
         if "keep" in batch:
             x_k, _, t_k = ctx.noisy(batch["keep"])
-            if self.keep_reference == "original":
-                want = ctx.base_eps(x_k, t_k, batch["keep"]["prompts"])
-            else:
-                want = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"], frozen=True), frozen=True)
-            got = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"]))
-            terms["keep"] = self.lambda_keep * (got - want).pow(2).mean()
-        if "image" in batch:
-            terms["image"] = self.lambda_image * self._x0_error(ctx, batch["image"], "anchor_latents")
-        if "held" in batch:
-            terms["held"] = self.lambda_image * self._x0_error(ctx, batch["held"], "latents")
-        if "replay" in batch:
-            terms["replay"] = self.lambda_image * self._x0_error(ctx, batch["replay"], "anchor_latents")
+            if keep_by_phi:
+                frozen.append((x_k, t_k, list(batch["keep"]["prompts"])))
+        e_c, e_0, *e_keep = ctx.eps_joint(frozen, frozen=True)
+        target = e_0 - self.eta * (e_c - e_0)
+        pred = self._predictions(ctx, batch)
+        terms = {"esd": (pred["esd"] - target).pow(2).mean()}
+        if "keep" in batch:
+            want = e_keep[0] if keep_by_phi else ctx.base_eps(x_k, t_k, batch["keep"]["prompts"])
+            terms["keep"] = self.lambda_keep * (pred["keep"] - want).pow(2).mean()
+        for name, goal in (("image", "anchor_latents"), ("held", "latents"), ("replay", "anchor_latents")):
+            if name in batch:
+                terms[name] = self.lambda_image * ctx.x0_error(batch[name], batch[name][goal],
+                                                               self.image_snr_cap, pred=pred[name])
         return terms
+
+    @staticmethod
+    def _predictions(ctx, batch) -> dict:
+        """θ's prediction on each sub-batch the step drew (the target's, and the keep, image,
+        held and replay ones present), all in one denoiser call (`ctx.eps_joint`)."""
+        subs = {"esd": batch, **{k: batch[k] for k in ("keep", "image", "held", "replay") if k in batch}}
+        parts = []
+        for sub in subs.values():
+            x, _, t = ctx.noisy(sub)
+            parts.append((x, t, list(sub["prompts"])))
+        return dict(zip(subs, ctx.eps_joint(parts)))
 
     # -- the paired-image term (--robust's hardening) -------------------------------------------
     def _prepare_images(self, ctx, rng, removed, removed_kinds) -> None:
@@ -192,7 +201,3 @@ class ESD(Method):
             replay = either_prompt(self._replay, max(1, batch_size // 2), generator)
             out["replay"] = ctx.draw(replay, generator, t_range)
         return out
-
-    def _x0_error(self, ctx, sub: dict, goal: str) -> torch.Tensor:
-        """The paired-image term on a sub-batch: `ctx.x0_error` toward sub[goal]."""
-        return ctx.x0_error(sub, sub[goal], self.image_snr_cap)
