@@ -19,7 +19,8 @@ from obliviate.shapes.tokenizer import build_tokenizer
 FAST_SAMPLER = {"num_inference_steps": 2, "guidance_scale": 3.0}
 # --robust settings that keep the hardening stage's pools small (paired images, memory images,
 # keep prompts), so tests of the stage stay fast
-SMALL_IMAGES = {"harden_image_pairs": 4, "harden_image_memory": 4, "harden_keep_prompts": 4}
+SMALL_IMAGES = {"harden_image_pairs": 4, "harden_image_memory": 4, "harden_keep_prompts": 4,
+                "harden_keep_prompts_style": 6}
 
 
 def tiny_sd(world: str | None = None) -> StableDiffusionPipeline:

@@ -61,15 +61,16 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     settings = Ledger.load(tmp_path / "h").entries[0].settings["robust"]
     assert settings["harden_steps"] == 3 and settings["mining"] is False
     assert result.stats["harden_seconds"] >= 0 and not (tmp_path / "h" / PROMPTS_FILE).exists()
-    # a colour is held harder to what stays than an object; a style as hard, twice as long
+    # a colour is held harder to what stays than an object; a style as hard, half again as long
     assert result.stats["harden_keep"] == 5.0 and result.stats["harden_steps_run"] == 3
     coloured = erase(load_pipeline(shapes_base), Request(("red",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
                      batch_size=2, progress=False)
     assert coloured.stats["harden_keep"] == 10.0 and coloured.stats["harden_steps_run"] == 1
     styled_pipe = load_pipeline(shapes_base)
-    styled = erase(styled_pipe, Request(("striped",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
+    styled = erase(styled_pipe, Request(("striped",)), robust={"harden_steps": 2, **SMALL_IMAGES}, steps=1,
                    batch_size=2, progress=False)
-    assert styled.stats["harden_keep"] == 10.0 and styled.stats["harden_steps_run"] == 2
+    assert styled.stats["harden_keep"] == 10.0 and styled.stats["harden_steps_run"] == 3
+    assert styled.stats["harden_keep_prompts"] == 6 and result.stats["harden_keep_prompts"] == 4
     # an object's stage trains the coarse resolution levels, where a shape is laid out, and
     # leaves the fine ones, which draw textures and colours; a style's stage needs the fine ones
     coarse = tuple(f"unet.{p}" for p in family_of(pipe).deep_levels(pipe.unet))

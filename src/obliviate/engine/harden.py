@@ -60,15 +60,15 @@ from .loop import run_stage
 
 
 def stage_recipe(request, robust) -> dict:
-    """Steps, λ_keep, ESD reference and trained group of this request's stage, by the kind of
-    its targets.
+    """Steps, λ_keep, keep prompts, ESD reference and trained group of this request's stage,
+    by the kind of its targets.
 
     An object: `harden_steps`, `harden_keep`, `harden_reference`, `harden_group_object`. A
     colour: λ_keep `harden_keep_attribute` (a colour is drawn by body features every concept
     shares: at λ 5 a style's stage cost a colour 0.11; an object's stage at λ 10 let star back
     at 0.73 under the 4-token ladder rung, 0.29 at λ 5). A request naming a style:
-    `harden_steps` × `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style`
-    (a texture comes back under 1000-step inversions after the object recipe: striped 0.88; 2x /
+    `harden_steps` × `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style`,
+    `harden_keep_prompts_style` keep prompts (a texture comes back under 1000-step inversions after the object recipe: striped 0.88; 2x /
     20 / anchor: 0.17; 2x / 10 / anchor: 0.10). DUGE's λ for a style is 10, not 20: held at 20
     to the original model, a later style's stage undid an earlier object's hardening (star's
     quick ladder after six requests 0.40 at 20, 0.17 at 10; docs/experiments.md, session 21)."""
@@ -76,9 +76,9 @@ def stage_recipe(request, robust) -> dict:
     if "style" in kinds:
         return {"steps": max(1, round(robust.harden_steps * robust.harden_style_factor)),
                 "keep": robust.harden_keep_style, "reference": robust.harden_reference_style,
-                "group": "non-attn2"}
+                "keep_prompts": robust.harden_keep_prompts_style, "group": "non-attn2"}
     objects = kinds == {"object"}
-    return {"steps": robust.harden_steps,
+    return {"steps": robust.harden_steps, "keep_prompts": robust.harden_keep_prompts,
             "keep": robust.harden_keep if objects else robust.harden_keep_attribute,
             "reference": robust.harden_reference,
             "group": robust.harden_group_object if objects else "non-attn2"}
@@ -91,7 +91,7 @@ def harden(ctx, robust) -> dict:
 
     recipe = stage_recipe(ctx.request, robust)
     esd = get_method("esd", variant="u", steps=recipe["steps"], lr=robust.harden_lr,
-                     lambda_keep=recipe["keep"], keep_prompts=robust.harden_keep_prompts,
+                     lambda_keep=recipe["keep"], keep_prompts=recipe["keep_prompts"],
                      keep_reference="original", reference=recipe["reference"],
                      lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
                      image_memory=robust.harden_image_memory, image_replay=robust.harden_replay,
@@ -100,6 +100,7 @@ def harden(ctx, robust) -> dict:
     esd.param_group = recipe["group"]
     stats = run_stage(esd, ctx, seed=ctx.seed, robust=lambda: _earlier_adversary(ctx, esd, robust))
     return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"],
+            "harden_keep_prompts": recipe["keep_prompts"],
             "harden_group": recipe["group"],
             "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}

@@ -73,7 +73,8 @@ _RANGES = {
     "pool": (1, None, False), "prompts": (1, None, False), "batch_size": (1, None, False),
     "lr": (0, None, True), "harden_lr": (0, None, True), "harden_keep": (0, None, False),
     "harden_keep_attribute": (0, None, False), "harden_keep_style": (0, None, False),
-    "harden_keep_prompts": (1, None, False), "harden_style_factor": (0, None, True),
+    "harden_keep_prompts": (1, None, False), "harden_keep_prompts_style": (1, None, False),
+    "harden_style_factor": (0, None, True),
     "harden_image": (0, None, False),
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
@@ -98,6 +99,7 @@ class Robust:
     harden_keep_attribute: float = 10.0
     harden_keep_style: float = 10.0
     harden_keep_prompts: int = 32
+    harden_keep_prompts_style: int = 32
     harden_style_factor: float = 1.0
     harden_reference_style: str = "empty"
     harden_image: float = 0.0

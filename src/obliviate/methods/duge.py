@@ -107,14 +107,17 @@ class DUGE(Method):
     # --robust: harden the UNet body with ESD-u first (with the paired-image term, kept
     # concepts' and memory prompts' images held), then DUGE as usual (engine.harden); mined
     # soft prompts added nothing on top of the hardened model (docs/experiments.md); a style
-    # is hardened twice as long, from the anchor's caption, held as hard as a colour (striped's
-    # full ladder: 0.88 with the object recipe, 0.10 with this; held twice as hard, a later
+    # is hardened half again as long, held on 128 keep prompts (150 steps: twice as long cost
+    # 7.4x a plain request, issue 18's cap is 5x; 128 prompts halve what the stage costs
+    # objects; sessions 31, 37), from the anchor's caption, held as hard as a colour (striped's
+    # full ladder: 0.88 with the object recipe, 0.10 with this at 200 steps; held twice as hard, a later
     # style let star back after six requests, with or without a replay of earlier targets
     # under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
     # experiments.md sessions 21 and 23); an object's stage trains the coarse resolution
     # levels only, so that fine textures such as dotted are not drawn differently (session 29)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
-                                 "harden_image_memory": 64, "harden_style_factor": 2.0,
+                                 "harden_image_memory": 64, "harden_style_factor": 1.5,
+                                 "harden_keep_prompts_style": 128,
                                  "harden_keep_style": 10.0, "harden_reference_style": "anchor",
                                  "harden_group_object": "non-attn2-deep"}
     option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
