@@ -4,11 +4,13 @@
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
 trained on everything in the denoiser but what reads the text (methods.esd, variant u) for
 `harden_steps` steps at `harden_lr`, λ_keep by the target's kind (`stage_recipe`: 5 for
-objects, 10 for colours; a style twice the steps, λ 10, the anchor's reference). c_keep are
-`harden_keep_prompts` prompts naming no removed concept but naming a concept of every removed
-kind (the memory bank), and the preserve set's; ε_0 is the lineage's original model (held to
-the model before the request instead, six hardened requests drifted). 32 by default: 128
-halves what a style's stage costs objects; at a sixth request (a style) never-removed
+objects, 10 for colours; a style 1.5x the steps, λ 10, the anchor's reference, 128 keep
+prompts). c_keep are `harden_keep_prompts` prompts (`harden_keep_prompts_style` for a style)
+naming no removed concept but naming a concept of every removed kind (the memory bank), and
+the preserve set's; ε_0 is the lineage's original model (held to the model before the
+request instead, six hardened requests drifted). 32 for objects and colours: 128 halves
+what a style's stage costs objects, but on every request of six it left a never-removed
+concept at 0.94-0.95 on one seed of two (sessions 30-31); at a sixth request (a style) never-removed
 concepts swing 0.76-0.99 with the data the stage draws and the order it sees them in, at 32
 or 128; 128 image pairs and memory images narrowed seed 1's draws to 0.94-0.98 but left a
 seed-0 chain at 0.90 (docs/experiments.md, sessions 32-33); the repair stage after the
