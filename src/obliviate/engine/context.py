@@ -168,22 +168,22 @@ class EraseContext:
 
     def eps_joint(self, parts: list[tuple], frozen: bool = False) -> list[torch.Tensor]:
         """`eps` for several (x_t, t, c) sub-batches in one denoiser call, split back in order;
-        c is a `Conditioning` or a list of prompts (every part's prompts encoded in one call,
-        by φ's encoders with `frozen`, else θ's).
+        c is a `Conditioning` or a sequence of prompts (every part's prompts encoded in one
+        call, by φ's encoders with `frozen`, else θ's).
 
         The denoiser and the text encoders treat batch rows independently (norms are per
         sample), so each part gets the prediction a call of its own gives, up to float
         rounding; on the shapes model on a CPU one call of 32 rows costs about two thirds of
         four calls of 8, backward included (docs/experiments.md, session 37)."""
-        prompts = [p for _, _, c in parts if isinstance(c, list) for p in c]
+        prompts = [p for _, _, c in parts if not isinstance(c, Conditioning) for p in c]
         encoded = self.encode(prompts, frozen=frozen) if prompts else None
         contexts, at = [], 0
         for _, _, c in parts:
-            if isinstance(c, list):
+            if isinstance(c, Conditioning):
+                contexts.append(c)
+            else:
                 contexts.append(encoded.rows(slice(at, at + len(c))))
                 at += len(c)
-            else:
-                contexts.append(c)
         x_t = torch.cat([x for x, _, _ in parts])
         t = torch.cat([t for _, t, _ in parts])
         pred = self.eps(x_t, t, Conditioning.cat(contexts), frozen=frozen)

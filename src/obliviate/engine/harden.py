@@ -10,8 +10,8 @@ naming no removed concept but naming a concept of every removed kind (the memory
 the preserve set's; ε_0 is the lineage's original model (held to the model before the
 request instead, six hardened requests drifted). 32 for objects and colours: 128 halves
 what a style's stage costs objects, but on every request of six it left a never-removed
-concept at 0.94-0.95 on one seed of two (sessions 30-31); at a sixth request (a style) never-removed
-concepts swing 0.76-0.99 with the data the stage draws and the order it sees them in, at 32
+concept at 0.94-0.95 on one seed of two (sessions 30-31); at a sixth request (a style)
+never-removed concepts swing 0.76-0.99 with the data the stage draws and the order it sees them in, at 32
 or 128; 128 image pairs and memory images narrowed seed 1's draws to 0.94-0.98 but left a
 seed-0 chain at 0.90 (docs/experiments.md, sessions 32-33); the repair stage after the
 method's (engine.repair, `repair_steps`, off by default) held all four draws at 0.96-0.99
@@ -70,8 +70,9 @@ def stage_recipe(request, robust) -> dict:
     shares: at λ 5 a style's stage cost a colour 0.11; an object's stage at λ 10 let star back
     at 0.73 under the 4-token ladder rung, 0.29 at λ 5). A request naming a style:
     `harden_steps` × `harden_style_factor` steps, `harden_keep_style`, `harden_reference_style`,
-    `harden_keep_prompts_style` keep prompts (a texture comes back under 1000-step inversions after the object recipe: striped 0.88; 2x /
-    20 / anchor: 0.17; 2x / 10 / anchor: 0.10). DUGE's λ for a style is 10, not 20: held at 20
+    `harden_keep_prompts_style` keep prompts (a texture comes back under 1000-step inversions
+    after the object recipe: striped 0.88; 2x / 20 / anchor: 0.17; 2x / 10 / anchor: 0.10;
+    1.5x / 10 / anchor / 128 prompts: 0.104). DUGE's λ for a style is 10, not 20: held at 20
     to the original model, a later style's stage undid an earlier object's hardening (star's
     quick ladder after six requests 0.40 at 20, 0.17 at 10; docs/experiments.md, session 21)."""
     kinds = {t.kind for t in request.targets}

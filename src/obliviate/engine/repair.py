@@ -98,7 +98,7 @@ class Repair(Method):
         keep, held = batch["keep"], batch["held"]
         x_k, _, t_k = ctx.noisy(keep)
         x_i, _, t_i = ctx.noisy(held)
-        parts = [(x_k, t_k, list(keep["prompts"])), (x_i, t_i, list(held["prompts"]))]
+        parts = [(x_k, t_k, keep["prompts"]), (x_i, t_i, held["prompts"])]
         if "hold" in batch:
             x_h, _, t_h = ctx.noisy(batch["hold"])
             cond = ctx.encode(batch["hold"]["prompts"], frozen=True)

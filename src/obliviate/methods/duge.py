@@ -110,8 +110,8 @@ class DUGE(Method):
     # is hardened half again as long, held on 128 keep prompts (150 steps: twice as long cost
     # 7.4x a plain request, issue 18's cap is 5x; 128 prompts halve what the stage costs
     # objects; sessions 31, 37), from the anchor's caption, held as hard as a colour (striped's
-    # full ladder: 0.88 with the object recipe, 0.10 with this at 200 steps; held twice as hard, a later
-    # style let star back after six requests, with or without a replay of earlier targets
+    # full ladder: 0.88 with the object recipe, 0.10 at 200 steps, 0.104 now; held twice as
+    # hard, a later style let star back after six requests, with or without a replay of earlier targets
     # under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
     # experiments.md sessions 21 and 23); an object's stage trains the coarse resolution
     # levels only, so that fine textures such as dotted are not drawn differently (session 29)

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from ..engine.data import either_prompt, paired_pool, sample_pool
 from .base import Method, register
@@ -131,38 +130,30 @@ class ESD(Method):
         return out
 
     def loss(self, ctx, batch):
-        x_t, _, t = ctx.noisy(batch)
-        ref = list(batch["anchor_prompts"]) if "anchor_prompts" in batch else self._null.expand(len(x_t))
-        frozen = [(x_t, t, list(batch.get("_plain_prompts", batch["prompts"]))), (x_t, t, ref)]
-        # the keep term's reference is φ's too where the lineage has no separate original
-        keep_by_phi = "keep" in batch and (self.keep_reference == "before" or ctx.base_pipe() is None)
-        if "keep" in batch:
-            x_k, _, t_k = ctx.noisy(batch["keep"])
-            if keep_by_phi:
-                frozen.append((x_k, t_k, list(batch["keep"]["prompts"])))
-        e_c, e_0, *e_keep = ctx.eps_joint(frozen, frozen=True)
+        # every sub-batch the step drew (the target's, and the keep, image, held and replay
+        # ones present), noised once; θ predicts on all of them in one call (`ctx.eps_joint`)
+        subs = {"esd": batch, **{k: batch[k] for k in ("keep", "image", "held", "replay") if k in batch}}
+        noisy = {k: ctx.noisy(sub) for k, sub in subs.items()}
+        x_t, _, t = noisy["esd"]
+        ref = batch["anchor_prompts"] if "anchor_prompts" in batch else self._null.expand(len(x_t))
+        e_c, e_0 = ctx.eps_joint([(x_t, t, batch.get("_plain_prompts", batch["prompts"])), (x_t, t, ref)],
+                                 frozen=True)
         target = e_0 - self.eta * (e_c - e_0)
-        pred = self._predictions(ctx, batch)
+        parts = [(x, t_s, subs[k]["prompts"]) for k, (x, _, t_s) in noisy.items()]
+        pred = dict(zip(subs, ctx.eps_joint(parts)))
         terms = {"esd": (pred["esd"] - target).pow(2).mean()}
         if "keep" in batch:
-            want = e_keep[0] if keep_by_phi else ctx.base_eps(x_k, t_k, batch["keep"]["prompts"])
+            x_k, _, t_k = noisy["keep"]
+            if self.keep_reference == "original":
+                want = ctx.base_eps(x_k, t_k, batch["keep"]["prompts"])
+            else:
+                want = ctx.eps(x_k, t_k, ctx.encode(batch["keep"]["prompts"], frozen=True), frozen=True)
             terms["keep"] = self.lambda_keep * (pred["keep"] - want).pow(2).mean()
         for name, goal in (("image", "anchor_latents"), ("held", "latents"), ("replay", "anchor_latents")):
             if name in batch:
                 terms[name] = self.lambda_image * ctx.x0_error(batch[name], batch[name][goal],
                                                                self.image_snr_cap, pred=pred[name])
         return terms
-
-    @staticmethod
-    def _predictions(ctx, batch) -> dict:
-        """θ's prediction on each sub-batch the step drew (the target's, and the keep, image,
-        held and replay ones present), all in one denoiser call (`ctx.eps_joint`)."""
-        subs = {"esd": batch, **{k: batch[k] for k in ("keep", "image", "held", "replay") if k in batch}}
-        parts = []
-        for sub in subs.values():
-            x, _, t = ctx.noisy(sub)
-            parts.append((x, t, list(sub["prompts"])))
-        return dict(zip(subs, ctx.eps_joint(parts)))
 
     # -- the paired-image term (--robust's hardening) -------------------------------------------
     def _prepare_images(self, ctx, rng, removed, removed_kinds) -> None:
