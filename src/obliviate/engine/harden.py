@@ -28,7 +28,11 @@ ESD's paired-image term (`harden_image`, λ 2 for DUGE; 0 turns it off): noisy i
 target denoise to same-seed images of its anchor, kept concepts' images and
 `harden_image_memory` memory prompts' images to themselves. It holds a style (striped)
 where the keep term alone cannot; without the memory prompts' images a colour no request
-named dipped over three requests (docs/benchmarks.md). Then φ is taken again (the hardened
+named dipped over three requests (docs/benchmarks.md). On a colour request λ_img is
+multiplied by `harden_image_attribute_factor` (1 by default): on erase seed 1's chain it is
+the colour's (red's) paired-image term that let star back (four 4-token rungs 0.03 → 0.26 on
+average; without the term 0.07, with the stage on the fine levels or at λ_keep 5 still
+0.27-0.31; docs/experiments.md, session 38). Then φ is taken again (the hardened
 model is "the model before" for the method's own stage) and the method edits as usual.
 Without the replay below it needs no soft prompt, so it runs on every family.
 `harden_reference="anchor"` takes ESD's reference from the anchor's caption instead of the
@@ -62,8 +66,9 @@ from .loop import run_stage
 
 
 def stage_recipe(request, robust) -> dict:
-    """Steps, λ_keep, keep prompts, ESD reference and trained group of this request's stage,
-    by the kind of its targets.
+    """Steps, λ_keep, keep prompts, ESD reference, trained group and λ_img of this request's
+    stage, by the kind of its targets (a colour's λ_img: `harden_image` ×
+    `harden_image_attribute_factor`).
 
     An object: `harden_steps`, `harden_keep`, `harden_reference`, `harden_group_object`. A
     colour: λ_keep `harden_keep_attribute` (a colour is drawn by body features every concept
@@ -79,12 +84,14 @@ def stage_recipe(request, robust) -> dict:
     if "style" in kinds:
         return {"steps": max(1, round(robust.harden_steps * robust.harden_style_factor)),
                 "keep": robust.harden_keep_style, "reference": robust.harden_reference_style,
-                "keep_prompts": robust.harden_keep_prompts_style, "group": "non-attn2"}
+                "keep_prompts": robust.harden_keep_prompts_style, "group": "non-attn2",
+                "image": robust.harden_image}
     objects = kinds == {"object"}
     return {"steps": robust.harden_steps, "keep_prompts": robust.harden_keep_prompts,
             "keep": robust.harden_keep if objects else robust.harden_keep_attribute,
             "reference": robust.harden_reference,
-            "group": robust.harden_group_object if objects else "non-attn2"}
+            "group": robust.harden_group_object if objects else "non-attn2",
+            "image": robust.harden_image * (1 if objects else robust.harden_image_attribute_factor)}
 
 
 def harden(ctx, robust) -> dict:
@@ -96,7 +103,7 @@ def harden(ctx, robust) -> dict:
     esd = get_method("esd", variant="u", steps=recipe["steps"], lr=robust.harden_lr,
                      lambda_keep=recipe["keep"], keep_prompts=recipe["keep_prompts"],
                      keep_reference="original", reference=recipe["reference"],
-                     lambda_image=robust.harden_image, image_pairs=robust.harden_image_pairs,
+                     lambda_image=recipe["image"], image_pairs=robust.harden_image_pairs,
                      image_memory=robust.harden_image_memory, image_replay=robust.harden_replay,
                      image_t_high=robust.harden_image_t_high,
                      stratified=robust.harden_stratify)
@@ -104,7 +111,7 @@ def harden(ctx, robust) -> dict:
     stats = run_stage(esd, ctx, seed=ctx.seed, robust=lambda: _earlier_adversary(ctx, esd, robust))
     return {"harden_keep": recipe["keep"], "harden_steps_run": recipe["steps"],
             "harden_keep_prompts": recipe["keep_prompts"],
-            "harden_group": recipe["group"],
+            "harden_group": recipe["group"], "harden_image": recipe["image"],
             "harden_loss_first": stats["loss_first"], "harden_loss_last": stats["loss_last"],
             "harden_seconds": stats["seconds_training"]}
 

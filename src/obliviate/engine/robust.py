@@ -75,7 +75,7 @@ _RANGES = {
     "harden_keep_attribute": (0, None, False), "harden_keep_style": (0, None, False),
     "harden_keep_prompts": (1, None, False), "harden_keep_prompts_style": (1, None, False),
     "harden_style_factor": (0, None, True),
-    "harden_image": (0, None, False),
+    "harden_image": (0, None, False), "harden_image_attribute_factor": (0, None, False),
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
@@ -103,6 +103,7 @@ class Robust:
     harden_style_factor: float = 1.0
     harden_reference_style: str = "empty"
     harden_image: float = 0.0
+    harden_image_attribute_factor: float = 1.0
     harden_image_pairs: int = 64
     harden_image_memory: int = 0
     harden_replay: int = 0
