@@ -29,10 +29,10 @@ target denoise to same-seed images of its anchor, kept concepts' images and
 `harden_image_memory` memory prompts' images to themselves. It holds a style (striped)
 where the keep term alone cannot; without the memory prompts' images a colour no request
 named dipped over three requests (docs/benchmarks.md). On a colour request λ_img is
-multiplied by `harden_image_attribute_factor` (1 by default): on erase seed 1's chain it is
-the colour's (red's) paired-image term that let star back (four 4-token rungs 0.03 → 0.26 on
-average; without the term 0.07, with the stage on the fine levels or at λ_keep 5 still
-0.27-0.31; docs/experiments.md, session 38). Then φ is taken again (the hardened
+multiplied by `harden_image_attribute_factor` (DUGE: 0, the term off): on erase seed 1's
+chain red's paired-image term is what let star back (four 4-token rungs 0.03 → 0.26 on
+average; without the term 0.07, on the fine levels only or at λ_keep 5 still 0.27-0.31;
+after six 0.33 → 0.08; docs/experiments.md, session 38). Then φ is taken again (the hardened
 model is "the model before" for the method's own stage) and the method edits as usual.
 Without the replay below it needs no soft prompt, so it runs on every family.
 `harden_reference="anchor"` takes ESD's reference from the anchor's caption instead of the

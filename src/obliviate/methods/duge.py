@@ -114,8 +114,11 @@ class DUGE(Method):
     # hard, a later style let star back after six requests, with or without a replay of earlier targets
     # under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
     # experiments.md sessions 21 and 23); an object's stage trains the coarse resolution
-    # levels only, so that fine textures such as dotted are not drawn differently (session 29)
+    # levels only, so that fine textures such as dotted are not drawn differently (session 29);
+    # a colour's stage has no paired-image term: on erase seed 1's chain red's let star back
+    # (four 4-token rungs after six 0.33 → 0.08 on average, session 38)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
+                                 "harden_image_attribute_factor": 0.0,
                                  "harden_image_memory": 64, "harden_style_factor": 1.5,
                                  "harden_keep_prompts_style": 128,
                                  "harden_keep_style": 10.0, "harden_reference_style": "anchor",
