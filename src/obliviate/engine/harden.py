@@ -11,9 +11,9 @@ the preserve set's; ε_0 is the lineage's original model (held to the model befo
 request instead, six hardened requests drifted). 32 for objects and colours: 128 halves
 what a style's stage costs objects, but on every request of six it left a never-removed
 concept at 0.94-0.95 on one seed of two (sessions 30-31); at a sixth request (a style)
-never-removed concepts swing 0.76-0.99 with the data the stage draws and the order it sees them in, at 32
-or 128; 128 image pairs and memory images narrowed seed 1's draws to 0.94-0.98 but left a
-seed-0 chain at 0.90 (docs/experiments.md, sessions 32-33); the repair stage after the
+never-removed concepts swing 0.76-0.99 with the data the stage draws and the order it sees
+them in, at 32 or 128; 128 image pairs and memory images narrowed seed 1's draws to
+0.94-0.98 but left a seed-0 chain at 0.90 (docs/experiments.md, sessions 32-33); the repair stage after the
 method's (engine.repair, `repair_steps`, off by default) held all four draws at 0.96-0.99
 and two seeds' chains at 0.987-0.997, but gave star back to 0.35 under 4-token inversions
 after six (session 34). `harden_stratify` deals the keep and memory prompts so each
@@ -29,10 +29,9 @@ target denoise to same-seed images of its anchor, kept concepts' images and
 `harden_image_memory` memory prompts' images to themselves. It holds a style (striped)
 where the keep term alone cannot; without the memory prompts' images a colour no request
 named dipped over three requests (docs/benchmarks.md). On a colour request λ_img is
-multiplied by `harden_image_attribute_factor` (DUGE: 0, the term off): on erase seed 1's
-chain red's paired-image term is what let star back (four 4-token rungs 0.03 → 0.26 on
-average; without the term 0.07, on the fine levels only or at λ_keep 5 still 0.27-0.31;
-after six 0.33 → 0.08; docs/experiments.md, session 38). Then φ is taken again (the hardened
+multiplied by `harden_image_attribute_factor` (DUGE: 0, the term off): in a six-request
+chain it was red's paired-image term that let star back, whichever levels the stage trained
+(docs/experiments.md, session 38). Then φ is taken again (the hardened
 model is "the model before" for the method's own stage) and the method edits as usual.
 Without the replay below it needs no soft prompt, so it runs on every family.
 `harden_reference="anchor"` takes ESD's reference from the anchor's caption instead of the

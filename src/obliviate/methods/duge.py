@@ -111,12 +111,12 @@ class DUGE(Method):
     # 7.4x a plain request, issue 18's cap is 5x; 128 prompts halve what the stage costs
     # objects; sessions 31, 37), from the anchor's caption, held as hard as a colour (striped's
     # full ladder: 0.88 with the object recipe, 0.10 at 200 steps, 0.104 now; held twice as
-    # hard, a later style let star back after six requests, with or without a replay of earlier targets
-    # under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
+    # hard, a later style let star back after six requests, with or without a replay of
+    # earlier targets under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
     # experiments.md sessions 21 and 23); an object's stage trains the coarse resolution
     # levels only, so that fine textures such as dotted are not drawn differently (session 29);
-    # a colour's stage has no paired-image term: on erase seed 1's chain red's let star back
-    # (four 4-token rungs after six 0.33 → 0.08 on average, session 38)
+    # a colour's stage has no paired-image term: in a six-request chain red's let star back
+    # (experiments.md session 38)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
                                  "harden_image_attribute_factor": 0.0,
                                  "harden_image_memory": 64, "harden_style_factor": 1.5,
