@@ -63,8 +63,9 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     assert result.stats["harden_seconds"] >= 0 and not (tmp_path / "h" / PROMPTS_FILE).exists()
     # a colour is held harder to what stays than an object; a style as hard, half again as long
     assert result.stats["harden_keep"] == 5.0 and result.stats["harden_steps_run"] == 3
-    coloured = erase(load_pipeline(shapes_base), Request(("red",)), robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1,
-                     batch_size=2, progress=False)
+    coloured = erase(load_pipeline(shapes_base), Request(("red",)),
+                     robust={"harden_steps": 1, **SMALL_IMAGES}, steps=1, batch_size=2,
+                     progress=False)
     assert coloured.stats["harden_keep"] == 10.0 and coloured.stats["harden_steps_run"] == 1
     # a colour's stage has no paired-image term (it let star back, docs/experiments.md)
     assert coloured.stats["harden_image"] == 0.0 and result.stats["harden_image"] == 2.0

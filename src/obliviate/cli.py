@@ -545,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a --robust setting, repeatable: {', '.join(Robust.settings_keys())} "
                         f"(default: the method's; duge: {_robust_defaults('duge')}; harden_image=0 turns "
                         "the paired-image term off (a colour's is harden_image x "
-                        "harden_image_attribute_factor), a style gets harden_style_factor x the steps and "
-                        "harden_keep_prompts_style keep prompts; harden_replay=32 "
+                        "harden_image_attribute_factor), a style gets harden_style_factor x the "
+                        "steps and harden_keep_prompts_style keep prompts; harden_replay=32 "
                         "replays earlier targets under soft prompts mined for them, SD 1.x/2.x only)")
     r.set_defaults(func=_cmd_erase)
 

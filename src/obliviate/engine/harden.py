@@ -13,11 +13,12 @@ what a style's stage costs objects, but on every request of six it left a never-
 concept at 0.94-0.95 on one seed of two (sessions 30-31); at a sixth request (a style)
 never-removed concepts swing 0.76-0.99 with the data the stage draws and the order it sees
 them in, at 32 or 128; 128 image pairs and memory images narrowed seed 1's draws to
-0.94-0.98 but left a seed-0 chain at 0.90 (docs/experiments.md, sessions 32-33); the repair stage after the
-method's (engine.repair, `repair_steps`, off by default) held all four draws at 0.96-0.99
-and two seeds' chains at 0.987-0.997, but gave star back to 0.35 under 4-token inversions
-after six (session 34). `harden_stratify` deals the keep and memory prompts so each
-never-removed concept is named equally often: it moved which draw failed (session 34).
+0.94-0.98 but left a seed-0 chain at 0.90 (docs/experiments.md, sessions 32-33); the repair
+stage after the method's (engine.repair, `repair_steps`, off by default) held all four
+draws at 0.96-0.99 and two seeds' chains at 0.987-0.997, but gave star back to 0.35 under
+4-token inversions after six (session 34). `harden_stratify` deals the keep and memory
+prompts so each never-removed concept is named equally often: it moved which draw failed
+(session 34).
 For an object, DUGE trains only the coarse half of the UNet's resolution levels and its mid
 block (`harden_group_object=non-attn2-deep`, `Family.deep_levels`): a shape is laid out
 there, and the fine levels, which draw textures and colours, stay as they were (star at 192
