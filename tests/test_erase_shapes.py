@@ -9,6 +9,7 @@ import pytest
 
 from obliviate.erase import erase
 from obliviate.evaluate.attacks import concept_accuracy, naming_prompts
+from obliviate.evaluate.softprompt import SoftPromptAttack
 from obliviate.request import Request
 from obliviate.shapes import vocab
 
@@ -36,6 +37,22 @@ def test_star_is_gone_and_the_other_objects_stay(method, shapes_pipe, shapes_jud
     assert base_accuracy["star"] >= 0.5, base_accuracy  # the shipped model draws stars
     assert after["star"] <= 0.5 * base_accuracy["star"], after  # at least half of them are gone
     assert drop <= 0.15, (base_accuracy, after)  # the other objects are kept
+
+
+def test_uce_robust_holds_star_against_the_rung_that_undoes_plain_uce(shapes_pipe, shapes_judge,
+                                                                      base_accuracy, tmp_path,
+                                                                      monkeypatch):
+    """`uce --robust` maps the body's reading of noisy stars to circles (engine.body_edit): the
+    neutral-start 2-token rung that brings star back after plain UCE
+    (test_attacks_robust) brings back at most a third as much, and the other objects are kept."""
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    pipe = copy.deepcopy(shapes_pipe)
+    erase(pipe, Request(("star",)), method="uce", robust=True, progress=False)
+    attacked = SoftPromptAttack(tokens=2, steps=300, init="neutral").run(pipe, shapes_judge, "star")
+    assert attacked["accuracy"] <= 0.25, attacked
+    after = object_accuracies(pipe, shapes_judge)
+    others = [o for o in OBJECTS if o != "star"]
+    assert np.mean([base_accuracy[o] - after[o] for o in others]) <= 0.10, (base_accuracy, after)
 
 
 def test_the_shipped_sd3_model_draws_the_world_and_uce_removes_star_from_it(tmp_path, monkeypatch):

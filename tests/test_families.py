@@ -217,11 +217,16 @@ def test_duge_robust_hardens_the_body_on_every_family(tmp_path, monkeypatch, fam
     with pytest.raises(ObliviateError, match="Stable Diffusion 1.x/2.x") as refused:
         erase(load_pipeline(tmp_path / "out"), Request(("square",)), robust={**robust, "harden_replay": 4}, **FAST)
     assert "\n" not in str(refused.value)
-    # UCE's closed-form robust rounds need no soft prompt either
+    # UCE's closed-form robust rounds need no soft prompt either; its body edit maps the
+    # coarse levels' convolutions of a UNet, and a transformer has none to map
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
     result = erase(pipe, Request(("square",)), method="uce", out=tmp_path / "uce", robust=True, progress=False)
     changed = {k for k, v in pipeline_state(pipe).items() if not torch.equal(v, before[k])}
-    assert changed and all(RULES[family]["uce"](k) for k in changed) and result.stats["rece_rounds"] == 3
+    denoiser = getattr(pipe, family_of(pipe).denoiser)
+    convs = {f"unet.{n}.weight" for n in family_of(pipe).body_convolutions(denoiser)}
+    assert changed and all(RULES[family]["uce"](k) or k in convs for k in changed)
+    assert result.stats["rece_rounds"] == 3 and result.stats["body_layers"] == len(convs)
+    assert convs <= changed and bool(convs) == (family == "sdxl")
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])

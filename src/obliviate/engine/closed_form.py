@@ -7,6 +7,7 @@ now map like) and c_p (what to keep):
 + λ‖W − W_old‖²_F. UCE applies it to every K/V projection (`methods/uce.py`), and so does
 DUGE where a removal sends earlier targets on to a new anchor (`methods/duge.py`):
 `text_columns` gives the columns, `text_projections` the maps and `edit_projections` sets them.
+`gram_matrix` is the same solution from sums of outer products (`engine.body_edit`).
 
 `edit_pooled_read` applies it to the first linear layer of the module that reads a prompt's
 pooled embedding into every block of SD3 and Flux (`Family.pooled_text_map`): one vector per
@@ -20,13 +21,19 @@ from __future__ import annotations
 import torch
 
 
+def gram_matrix(ee: torch.Tensor, ge: torch.Tensor, pp: torch.Tensor, lam: float) -> torch.Tensor:
+    """M = (λI + G_ge + G_pp)(λI + G_ee + G_pp)⁻¹ from the sums G_ee = Σ c_e c_eᵀ,
+    G_ge = Σ c_g c_eᵀ and G_pp = Σ c_p c_pᵀ (float64): the closed form above when the columns
+    are too many to keep (`body_edit` sums them over the pixels of many images)."""
+    eye = torch.eye(ee.shape[0], dtype=torch.float64, device=ee.device)
+    return (lam * eye + ge + pp) @ torch.linalg.inv(lam * eye + ee + pp)
+
+
 def uce_matrix(c_e: torch.Tensor, c_g: torch.Tensor, c_p: torch.Tensor, lam: float,
                erase_scale: float = 1.0, preserve_scale: float = 1.0) -> torch.Tensor:
     """M with W = W_old·M the closed-form edit above (float64, columns as rows of c_*)."""
-    eye = torch.eye(c_e.shape[1], dtype=torch.float64, device=c_e.device)
-    rhs = lam * eye + erase_scale * c_e.T @ c_e + preserve_scale * c_p.T @ c_p
-    guide = erase_scale * c_g.T @ c_e + preserve_scale * c_p.T @ c_p + lam * eye
-    return guide @ torch.linalg.inv(rhs)
+    return gram_matrix(erase_scale * c_e.T @ c_e, erase_scale * c_g.T @ c_e,
+                       preserve_scale * c_p.T @ c_p, lam)
 
 
 def text_columns(ctx, prompts: list[str]) -> torch.Tensor:

@@ -78,6 +78,16 @@ class Family:
         return (*(f"down_blocks.{i}." for i in range(len(down) - deep, len(down))), "mid_block.",
                 *(f"up_blocks.{i}." for i in range(deep)))
 
+    def body_convolutions(self, denoiser: nn.Module) -> dict[str, nn.Conv2d]:
+        """The convolutions of the deeper levels (`deep_levels`) that `uce --robust`'s body
+        edit maps (engine.body_edit): where an object is laid out. Empty for a transformer
+        denoiser, whose body has no convolutions to map."""
+        deep = self.deep_levels(denoiser)
+        if deep is None:
+            return {}
+        return {n: m for n, m in denoiser.named_modules()
+                if n.startswith(deep) and isinstance(m, nn.Conv2d) and m.groups == 1}
+
     def components(self, pipe) -> tuple[str, ...]:
         """Names of the weight-holding components present in `pipe`, in a fixed order (the
         ledger hashes them in this order): denoiser, text encoders, VAE."""
