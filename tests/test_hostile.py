@@ -57,6 +57,14 @@ def test_a_request_without_steps_is_refused(lineage, work, capsys, args):
     assert not (work / "o").exists()
 
 
+def test_a_uce_body_edit_read_at_no_timestep_is_refused(lineage, work, capsys):
+    code = main(["erase", "--model", str(lineage / "base"), "--method", "uce", "--concept", "star",
+                 "--robust", "--set", "body_timesteps=0", "--out", "o"])
+    assert code == 2
+    one_line(capsys, "body_timesteps", "at least 1")
+    assert not (work / "o").exists()
+
+
 def test_a_request_that_leaves_the_weights_unchanged_is_not_recorded(lineage, work, capsys, monkeypatch):
     from obliviate.methods.uce import UCE
 

@@ -41,6 +41,7 @@ class UCE(Method):
     name: ClassVar[str] = "uce"
     closed_form: ClassVar[bool] = True
     option_choices: ClassVar[dict[str, tuple]] = {"robust_mode": ("rece", "mined")}
+    option_minimum: ClassVar[dict[str, int]] = {**Method.option_minimum, "body_timesteps": 1}
     param_group: str = "attn2-kv"
     lam: float = 0.5
     erase_scale: float = 1.0
