@@ -63,6 +63,7 @@ def body_channel_maps(ctx, layers: dict[str, nn.Conv2d], prompts: Prompts, times
     lat_t, lat_a, lat_k = (ctx.base_latents(p, seed) for p in prompts)
     grams = {n: {"ee": 0.0, "ge": 0.0, "pp": 0.0} for n in layers}
     seen: dict[str, torch.Tensor] = {}
+
     def keep_input(name):
         return lambda _module, args: seen.__setitem__(name, _channels(args[0]))
 
