@@ -33,21 +33,7 @@ from torch import nn
 from .closed_form import gram_matrix
 
 
-Prompts = tuple[list[str], list[str], list[str]]
-
-
-def body_prompts(ctx, pairs: int, keep: int, rng: np.random.Generator) -> Prompts:
-    """(target prompts, anchor prompts, prompts to keep) for the body edit: `pairs` caption
-    pairs per target, 2 prompts per preserved concept, `keep` memory prompts and `pairs // 2`
-    prompts of every earlier target of the lineage."""
-    req, world, removed = ctx.request, ctx.world, ctx.removed
-    drawn = [p for t, a in zip(req.targets, req.anchors)
-             for p in world.prompt_pairs(t, a, pairs, rng)]
-    kept = [p for c in req.preserve for p in world.prompts_naming(c, 2, rng, removed)]
-    kept += world.memory_prompts(removed, keep, rng)
-    kept += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
-             for t, _ in world.prompt_pairs(tg, a, max(1, pairs // 2), rng)]
-    return [t for t, _ in drawn], [a for _, a in drawn], kept
+Prompts = tuple[list[str], list[str], list[str]]  # target, anchor and kept prompts (edit_prompts)
 
 
 def _channels(x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +45,10 @@ def _channels(x: torch.Tensor) -> torch.Tensor:
 def body_channel_maps(ctx, layers: dict[str, nn.Conv2d], prompts: Prompts, timesteps: list[int],
                       lam: float, seed: int) -> dict[str, torch.Tensor]:
     """The channel map M of every layer (formula above), from the model as it is now; float64."""
-    targets, anchors, kept = prompts
     lat_t, lat_a, lat_k = (ctx.base_latents(p, seed) for p in prompts)
+    # each image set under its own captions and under the empty one, encoded once
+    own_t, own_a, own_k = (ctx.encode(p, frozen=True) for p in prompts)
+    empty = ctx.encode([""], frozen=True)
     grams = {n: {"ee": 0.0, "ge": 0.0, "pp": 0.0} for n in layers}
     seen: dict[str, torch.Tensor] = {}
 
@@ -70,10 +58,10 @@ def body_channel_maps(ctx, layers: dict[str, nn.Conv2d], prompts: Prompts, times
     hooks = [m.register_forward_pre_hook(keep_input(n)) for n, m in layers.items()]
     gen = torch.Generator().manual_seed(seed)
 
-    def read(latents, captions, noise, t):
+    def read(latents, cond, noise, t):
         seen.clear()
         x_t = ctx.family.add_noise(ctx.noise_scheduler, latents, noise, t)
-        ctx.eps(x_t.to(ctx.device), t.to(ctx.device), ctx.encode(captions, frozen=True))
+        ctx.eps(x_t.to(ctx.device), t.to(ctx.device), cond)
         return dict(seen)
 
     def add(name, key, a, b):
@@ -82,22 +70,22 @@ def body_channel_maps(ctx, layers: dict[str, nn.Conv2d], prompts: Prompts, times
     try:
         for step in timesteps:
             noise, t = torch.randn(lat_t.shape, generator=gen), torch.full((len(lat_t),), step)
-            for caps_t, caps_a in ((targets, anchors), ([""] * len(targets), [""] * len(anchors))):
-                f_t, f_a = read(lat_t, caps_t, noise, t), read(lat_a, caps_a, noise, t)
+            for c_t, c_a in ((own_t, own_a), (empty.expand(len(lat_t)), empty.expand(len(lat_a)))):
+                f_t, f_a = read(lat_t, c_t, noise, t), read(lat_a, c_a, noise, t)
                 for n in layers:
                     add(n, "ee", f_t[n], f_t[n])
                     add(n, "ge", f_a[n], f_t[n])
                     add(n, "pp", f_a[n], f_a[n])
             noise, t = torch.randn(lat_k.shape, generator=gen), torch.full((len(lat_k),), step)
-            for caps in (kept, [""] * len(kept)):
-                f_k = read(lat_k, caps, noise, t)
+            for c_k in (own_k, empty.expand(len(lat_k))):
+                f_k = read(lat_k, c_k, noise, t)
                 for n in layers:
                     add(n, "pp", f_k[n], f_k[n])
     finally:
         for h in hooks:
             h.remove()
-    return {n: gram_matrix(g["ee"], g["ge"], g["pp"], lam * float(torch.trace(g["pp"])) / len(g["pp"]))
-            for n, g in grams.items()}
+    ridge = {n: lam * float(torch.trace(g["pp"])) / len(g["pp"]) for n, g in grams.items()}
+    return {n: gram_matrix(g["ee"], g["ge"], g["pp"], ridge[n]) for n, g in grams.items()}
 
 
 @torch.no_grad()

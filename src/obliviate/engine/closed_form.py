@@ -36,6 +36,23 @@ def uce_matrix(c_e: torch.Tensor, c_g: torch.Tensor, c_p: torch.Tensor, lam: flo
                        preserve_scale * c_p.T @ c_p, lam)
 
 
+def edit_prompts(ctx, rng, per_target: int, per_preserved: int, memory: int,
+                 per_earlier: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """The prompts a closed-form edit reads, drawn from `rng` in this order: `per_target`
+    (target, anchor) caption pairs per target of the request, and the prompts to keep:
+    `per_preserved` naming each preserved concept, `memory` memory prompts and `per_earlier`
+    naming each earlier target of the lineage. UCE reads their text states, the body edit
+    (`engine.body_edit`) the original model's drawings of them."""
+    req, world, removed = ctx.request, ctx.world, ctx.removed
+    pairs = [p for t, a in zip(req.targets, req.anchors)
+             for p in world.prompt_pairs(t, a, per_target, rng)]
+    keep = [p for c in req.preserve for p in world.prompts_naming(c, per_preserved, rng, removed)]
+    keep += world.memory_prompts(removed, memory, rng)
+    keep += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
+             for t, _ in world.prompt_pairs(tg, a, per_earlier, rng)]
+    return pairs, keep
+
+
 def text_columns(ctx, prompts: list[str]) -> torch.Tensor:
     """The columns c of `prompts`: the text-encoder states of the model before this request,
     one per token position (the UNet attends to all of them), float64."""

@@ -29,8 +29,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..engine.body_edit import apply_channel_maps, body_channel_maps, body_prompts, body_timesteps
-from ..engine.closed_form import (edit_pooled_read, edit_projections, text_columns,
+from ..engine.body_edit import apply_channel_maps, body_channel_maps, body_timesteps
+from ..engine.closed_form import (edit_pooled_read, edit_projections, edit_prompts, text_columns,
                                   text_projections, uce_matrix)
 from .base import Method, register
 
@@ -60,15 +60,9 @@ class UCE(Method):
     def _prompt_sets(self, ctx) -> tuple[list[str], list[str], list[str], list[tuple[str, str]]]:
         """The request's prompts, drawn from the erase seed: target prompts, their anchor
         prompts, everything to preserve, and the (target, anchor) pairs."""
-        rng = np.random.default_rng(ctx.seed)
-        req, world = ctx.request, ctx.world
-        pairs = [p for t, a in zip(req.targets, req.anchors)
-                 for p in world.prompt_pairs(t, a, self.prompts_per_target, rng)]
-        removed = ctx.removed
-        keep = [p for c in req.preserve for p in world.prompts_naming(c, self.prompts_per_preserved, rng, removed)]
-        keep += world.memory_prompts(removed, self.memory_prompts, rng)
-        keep += [t for r in ctx.history for tg, a in zip(r.targets, r.anchors)
-                 for t, _ in world.prompt_pairs(tg, a, self.prompts_per_target // 2, rng)]
+        pairs, keep = edit_prompts(ctx, np.random.default_rng(ctx.seed), self.prompts_per_target,
+                                   self.prompts_per_preserved, self.memory_prompts,
+                                   self.prompts_per_target // 2)
         return [t for t, _ in pairs], [a for _, a in pairs], keep, pairs
 
     @staticmethod
@@ -102,8 +96,9 @@ class UCE(Method):
 
     def _body_maps(self, ctx, layers: dict) -> dict:
         """The body edit's channel maps, read from the model before this request."""
-        rng = np.random.default_rng(ctx.seed + 7)
-        prompts = body_prompts(ctx, self.body_pairs, self.body_keep, rng)
+        pairs, keep = edit_prompts(ctx, np.random.default_rng(ctx.seed + 7), self.body_pairs, 2,
+                                   self.body_keep, max(1, self.body_pairs // 2))
+        prompts = ([t for t, _ in pairs], [a for _, a in pairs], keep)
         steps = body_timesteps(self.body_timesteps, ctx.noise_scheduler.config.num_train_timesteps)
         return body_channel_maps(ctx, layers, prompts, steps, self.body_lambda, ctx.seed + 101)
 
