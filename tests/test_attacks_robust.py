@@ -47,13 +47,30 @@ def test_robust_mines_soft_prompts_and_carries_them_down_the_lineage(shapes_base
     assert all((second[k] == first[k]).all() for k in first)
 
 
-def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_path):
-    """DUGE's --robust default: an ESD-u stage changes the UNet outside cross-attention, then
-    DUGE edits the cross-attention keys and values; the ledger records the stage."""
+def test_duge_robust_edits_an_objects_body_in_closed_form(shapes_base, tmp_path):
+    """DUGE's --robust default for a request naming only objects: the convolutions of the
+    coarse levels are edited in closed form (engine.body_edit) in place of the hardening
+    stage, DUGE edits the cross-attention keys and values, and nothing else moves."""
     pipe = load_pipeline(shapes_base)
     before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
-    result = erase(pipe, Request(("star",)), out=tmp_path / "h", robust={"harden_steps": 3, **SMALL_IMAGES}, steps=3, batch_size=2,
-                   progress=False)
+    result = erase(pipe, Request(("star",)), out=tmp_path / "b", robust={"harden_steps": 3, "body_pairs": 4,
+                   "body_keep": 4}, steps=2, batch_size=2, progress=False)
+    changed = {k for k, v in pipeline_state(pipe).items() if not (v == before[k]).all()}
+    convs = {f"unet.{n}.weight" for n in family_of(pipe).body_convolutions(pipe.unet)}
+    kv = {k for k in changed if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert convs and kv and changed == convs | kv
+    assert result.stats["body_layers"] == len(convs) and "harden_seconds" not in result.stats
+    assert Ledger.load(tmp_path / "b").entries[0].settings["robust"]["object_stage"] == "body"
+
+
+def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_path):
+    """DUGE's --robust for a colour or a style, and for an object with
+    `object_stage=harden`: an ESD-u stage changes the UNet outside cross-attention, then DUGE
+    edits the cross-attention keys and values; the ledger records the stage."""
+    pipe = load_pipeline(shapes_base)
+    before = {k: v.clone() for k, v in pipeline_state(pipe).items()}
+    result = erase(pipe, Request(("star",)), out=tmp_path / "h", robust={"harden_steps": 3, "object_stage": "harden",
+                   **SMALL_IMAGES}, steps=3, batch_size=2, progress=False)
     changed = {k for k, v in pipeline_state(pipe).items() if not (v == before[k]).all()}
     body = {k for k in changed if ".attn2." not in k}
     kv = {k for k in changed if ".attn2.to_k." in k or ".attn2.to_v." in k}
@@ -83,7 +100,8 @@ def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_
     assert any(not k.startswith(coarse) for k in styled_body)
     # without the stage, the body is untouched
     plain = load_pipeline(shapes_base)
-    erase(plain, Request(("star",)), robust={"harden_steps": 0}, steps=3, batch_size=2, progress=False)
+    erase(plain, Request(("star",)), robust={"harden_steps": 0, "object_stage": "harden"}, steps=3, batch_size=2,
+          progress=False)
     assert not any(".attn2." not in k and not (v == before[k]).all() for k, v in pipeline_state(plain).items())
 
 
@@ -112,7 +130,8 @@ def test_the_hardening_holds_later_requests_to_the_lineage_original(shapes_base,
         return real(ctx, robust)
 
     monkeypatch.setattr(erase_module, "harden", spy)
-    erase(load_pipeline(tmp_path / "1"), Request(("square",)), out=tmp_path / "2", robust={"harden_steps": 2, **SMALL_IMAGES},
+    erase(load_pipeline(tmp_path / "1"), Request(("square",)), out=tmp_path / "2",
+          robust={"harden_steps": 2, "object_stage": "harden", **SMALL_IMAGES},
           steps=2, batch_size=2, progress=False)
     assert torch.allclose(seen["reference"], seen["original"], atol=1e-5)
     assert not torch.allclose(seen["before"], seen["original"], atol=1e-3)
@@ -230,6 +249,7 @@ def test_uce_mined_mode_records_what_the_user_set_and_keeps_its_one_token_prompt
     (["--robust", "--robust-set", "harden_style_factor=0"], "harden_style_factor=0.0 must be > 0"),
     (["--robust", "--robust-set", "harden_group_object=unet"], "harden_group_object='unet' must be one of"),
     (["--robust", "--robust-set", "harden_keep_prompts=0"], "harden_keep_prompts=0 must be >= 1"),
+    (["--robust", "--robust-set", "object_stage=both"], "object_stage='both' must be one of: harden, body"),
     (["--robust", "--refresh", "--method", "uce"], "closed-form"),
 ])
 def test_bad_robust_settings_are_one_line_exit_2(shapes_base, tmp_path, capsys, args, message):

@@ -507,7 +507,7 @@ def test_robust_repair_holds_what_must_stay_to_the_original_and_trains_the_body_
 
     prompts = ShapesWorld().memory_prompts({"star"}, 16, np.random.default_rng(7), named={"object"})
     original = load_pipeline(shapes_base)
-    hard = {"harden_steps": 6, "harden_lr": 3e-3, "repair_prompts": 8, **SMALL_IMAGES}
+    hard = {"harden_steps": 6, "harden_lr": 3e-3, "repair_prompts": 8, "object_stage": "harden", **SMALL_IMAGES}
     runs = {}
     for steps in (0, 30):
         pipe = load_pipeline(shapes_base)

@@ -39,15 +39,17 @@ def test_star_is_gone_and_the_other_objects_stay(method, shapes_pipe, shapes_jud
     assert drop <= 0.15, (base_accuracy, after)  # the other objects are kept
 
 
-def test_uce_robust_holds_star_against_the_rung_that_undoes_plain_uce(shapes_pipe, shapes_judge,
-                                                                      base_accuracy, tmp_path,
-                                                                      monkeypatch):
-    """`uce --robust` maps the body's reading of noisy stars to circles (engine.body_edit): the
-    neutral-start 2-token rung that brings star back after plain UCE
-    (test_attacks_robust) brings back at most a third as much, and the other objects are kept."""
+@pytest.mark.parametrize("method", ["uce", "duge"])
+def test_robust_holds_star_against_the_rung_that_undoes_the_plain_method(method, shapes_pipe, shapes_judge,
+                                                                         base_accuracy, tmp_path,
+                                                                         monkeypatch):
+    """`--robust` maps the body's reading of noisy stars to circles (engine.body_edit): the
+    neutral-start 2-token rung that brings star back after plain UCE or DUGE
+    (test_attacks_robust, docs/benchmarks.md) brings back at most a third as much, and the
+    other objects are kept."""
     monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
     pipe = copy.deepcopy(shapes_pipe)
-    erase(pipe, Request(("star",)), method="uce", robust=True, progress=False)
+    erase(pipe, Request(("star",)), method=method, robust=True, progress=False)
     attacked = SoftPromptAttack(tokens=2, steps=300, init="neutral").run(pipe, shapes_judge, "star")
     assert attacked["accuracy"] <= 0.25, attacked
     after = object_accuracies(pipe, shapes_judge)

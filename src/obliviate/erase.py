@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import atomic_folder, checkpoint_meta
 from .concepts import world_for
+from .engine.body_edit import apply_channel_maps, body_stage
 from .engine.context import EraseContext
 from .engine.data import LatentCache
 from .engine.harden import harden
@@ -169,7 +170,8 @@ def erase(
         if m.closed_form:
             stats = m.apply_robust(ctx, adversary) if adversary else m.apply(ctx)
         else:
-            hardened = harden(ctx, adversary) if adversary and adversary.harden_steps else {}
+            body = body_stage(ctx, adversary)  # in place of the hardening stage, where it applies
+            hardened = harden(ctx, adversary) if adversary and adversary.harden_steps and not body else {}
             m.prepare(ctx)
             miner = adversary if adversary and adversary.mining else None
             if miner:
@@ -179,6 +181,8 @@ def erase(
                           resume=resume, refresh=plugin, robust=miner,
                           checkpoint_info={"identity": identity, "started": start})
             stats.update(hardened)
+            if body:
+                stats["body_layers"] = apply_channel_maps(*body)
             if adversary and adversary.repair_steps:
                 stats.update(repair(ctx, adversary))
     if gradient_checkpointing:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .closed_form import gram_matrix
+from .closed_form import edit_prompts, gram_matrix
 
 
 Prompts = tuple[list[str], list[str], list[str]]  # target, anchor and kept prompts (edit_prompts)
@@ -95,6 +95,35 @@ def apply_channel_maps(layers: dict[str, nn.Conv2d], maps: dict[str, torch.Tenso
         w = torch.einsum("oikl,ij->ojkl", conv.weight.double(), maps[name].to(conv.weight.device))
         conv.weight.copy_(w.to(conv.weight.dtype))
     return len(layers)
+
+
+@torch.no_grad()
+def request_channel_maps(ctx, layers: dict[str, nn.Conv2d], pairs: int, keep: int, timesteps: int,
+                         lam: float) -> dict[str, torch.Tensor]:
+    """This request's channel maps, read from the model as it is now: `pairs` target prompts
+    and their anchor counterparts, kept are 2 prompts per preserved concept, `keep` memory
+    prompts and pairs/2 per earlier target (`closed_form.edit_prompts`, drawn at seed + 7),
+    each read at `timesteps` timesteps (`body_timesteps`) on images drawn at seed + 101."""
+    drawn, kept = edit_prompts(ctx, np.random.default_rng(ctx.seed + 7), pairs, 2, keep, max(1, pairs // 2))
+    prompts = ([t for t, _ in drawn], [a for _, a in drawn], kept)
+    steps = body_timesteps(timesteps, ctx.noise_scheduler.config.num_train_timesteps)
+    return body_channel_maps(ctx, layers, prompts, steps, lam, ctx.seed + 101)
+
+
+def body_stage(ctx, robust) -> tuple[dict, dict] | None:
+    """`--robust`'s body edit for a gradient method (`object_stage="body"`): on a request that
+    names only objects, in a family whose body has convolutions, the layers and their maps,
+    read before the method's stage (applied after it, `apply_channel_maps`, in place of the
+    hardening stage); otherwise (or with `body_pairs=0`) None, and the hardening stage runs."""
+    if robust is None or robust.object_stage != "body" or not robust.body_pairs:
+        return None
+    if {t.kind for t in ctx.request.targets} != {"object"}:
+        return None
+    layers = ctx.family.body_convolutions(ctx.denoiser())
+    if not layers:
+        return None
+    return layers, request_channel_maps(ctx, layers, robust.body_pairs, robust.body_keep,
+                                        robust.body_timesteps, robust.body_lambda)
 
 
 def body_timesteps(n: int, total: int) -> list[int]:

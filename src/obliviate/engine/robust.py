@@ -18,7 +18,9 @@ the method's replay of earlier targets (DUGE's rebound term), so they stay defen
 hardening stage's replay of earlier targets (`harden_replay`, engine.harden) mines with a
 second Robust whose pools are these: they are kept in the lineage the same way.
 Stages a gradient method's request runs under `--robust`: the hardening stage
-(`harden_steps`, engine.harden), the method's own stage (mining here when `mining`), and the
+(`harden_steps`, engine.harden) or, on a request naming only objects with
+`object_stage="body"`, the closed-form body edit (engine.body_edit: `body_pairs`, `body_keep`,
+`body_timesteps`, `body_lambda`; read before the method's stage, applied after), the method's own stage (mining here when `mining`), and the
 repair stage (`repair_steps`, engine.repair), which holds what must stay to the lineage's
 original model with nothing to forget (`repair_hold`: and holds the removed targets' images
 to the model before it).
@@ -79,10 +81,12 @@ _RANGES = {
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
+    "body_pairs": (0, None, False), "body_keep": (0, None, False), "body_timesteps": (1, None, False),
+    "body_lambda": (0, None, True),
     "repair_steps": (0, None, False), "repair_prompts": (1, None, False), "repair_hold": (0, None, False),
 }
 # Allowed values of each text setting.
-_CHOICES = {"harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
+_CHOICES = {"object_stage": ("harden", "body"), "harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
             "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage")}
 
 
@@ -91,6 +95,11 @@ class Robust:
     """Settings and the pool of mined soft prompts ({target: [tensor (tokens, width)]})."""
 
     mining: bool = True
+    object_stage: str = "harden"
+    body_pairs: int = 16
+    body_keep: int = 24
+    body_timesteps: int = 3
+    body_lambda: float = 0.01
     harden_steps: int = 0
     harden_lr: float = 1e-4
     harden_reference: str = "empty"

@@ -79,9 +79,9 @@ class Family:
                 *(f"up_blocks.{i}." for i in range(deep)))
 
     def body_convolutions(self, denoiser: nn.Module) -> dict[str, nn.Conv2d]:
-        """The convolutions of the deeper levels (`deep_levels`) that `uce --robust`'s body
-        edit maps (engine.body_edit): where an object is laid out. Empty for a transformer
-        denoiser, whose body has no convolutions to map."""
+        """The convolutions of the deeper levels (`deep_levels`) that `--robust`'s body edit
+        maps (engine.body_edit; uce, and duge on an object request): where an object is laid
+        out. Empty for a transformer denoiser, whose body has no convolutions to map."""
         deep = self.deep_levels(denoiser)
         if deep is None:
             return {}

@@ -104,8 +104,11 @@ class DUGE(Method):
     forget_prompts: ClassVar = (("attn", "p_tgt"), ("rebound", "p_tgt"), ("reanchor", "p_tgt"))
     robust_defaults: ClassVar = {"prior_target": "attention", "preserve_reference": "previous",
                                  "rebound_clean": False, "pairs_per_target": 24}
-    # --robust: harden the UNet body with ESD-u first (with the paired-image term, kept
-    # concepts' and memory prompts' images held), then DUGE as usual (engine.harden); mined
+    # --robust: a request naming only objects gets the closed-form body edit of the coarse
+    # levels (engine.body_edit, `object_stage=body`, since 2026-12-06: no hardening stage for
+    # it; docs/experiments.md session 41); a colour or a style request is hardened: ESD-u on
+    # the UNet body first (with the paired-image term, kept concepts' and memory prompts'
+    # images held), then DUGE as usual (engine.harden); mined
     # soft prompts added nothing on top of the hardened model (docs/experiments.md); a style
     # is hardened half again as long, held on 128 keep prompts (150 steps: twice as long cost
     # 7.4x a plain request, issue 18's cap is 5x; 128 prompts halve what the stage costs
@@ -113,11 +116,12 @@ class DUGE(Method):
     # full ladder: 0.88 with the object recipe, 0.10 at 200 steps, 0.104 now; held twice as
     # hard, a later style let star back after six requests, with or without a replay of
     # earlier targets under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
-    # experiments.md sessions 21 and 23); an object's stage trains the coarse resolution
-    # levels only, so that fine textures such as dotted are not drawn differently (session 29);
+    # experiments.md sessions 21 and 23); an object's stage (`object_stage=harden`) trains
+    # the coarse resolution levels only, so that fine textures such as dotted are not drawn differently (session 29);
     # a colour's stage has no paired-image term: in a six-request chain red's let star back
     # (experiments.md session 38)
-    robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "harden_image": 2.0,
+    robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "object_stage": "body",
+                                 "harden_image": 2.0,
                                  "harden_image_attribute_factor": 0.0,
                                  "harden_image_memory": 64, "harden_style_factor": 1.5,
                                  "harden_keep_prompts_style": 128,

@@ -14,11 +14,11 @@ In SD3 and Flux the pooled prompt embedding is read into every block too
 prompt (docs/experiments.md, session 17).
 Robust (`--robust`, `apply_robust`): RECE-style rounds that solve for the text state the
 edited layers still map to the target's keys and values and erase it too, then a closed-form
-edit of the body's coarse-level convolutions (`engine.body_edit`, `body_pairs` caption pairs
-per target, 0 turns it off), so that a noisy image of the target is read as its anchor's
-whatever text state a soft prompt finds: the RECE rounds alone left star at 0.92 under the
-quick soft-prompt ladder, with the body edit the full ladder's worst is 0.23-0.35 (two erase
-seeds; docs/experiments.md, session 40).
+edit of the body's coarse-level convolutions (`engine.body_edit`, with the plug-in's `body_*`
+settings; `--robust-set body_pairs=0` turns it off), so that a noisy image of the target is
+read as its anchor's whatever text state a soft prompt finds: the RECE rounds alone left
+star at 0.92 under the quick soft-prompt ladder, with the body edit the full ladder's worst
+is 0.23-0.35 (two erase seeds; docs/experiments.md, session 40).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..engine.body_edit import apply_channel_maps, body_channel_maps, body_timesteps
+from ..engine.body_edit import apply_channel_maps, request_channel_maps
 from ..engine.closed_form import (edit_pooled_read, edit_projections, edit_prompts, text_columns,
                                   text_projections, uce_matrix)
 from .base import Method, register
@@ -41,7 +41,6 @@ class UCE(Method):
     name: ClassVar[str] = "uce"
     closed_form: ClassVar[bool] = True
     option_choices: ClassVar[dict[str, tuple]] = {"robust_mode": ("rece", "mined")}
-    option_minimum: ClassVar[dict[str, int]] = {**Method.option_minimum, "body_timesteps": 1}
     param_group: str = "attn2-kv"
     lam: float = 0.5
     erase_scale: float = 1.0
@@ -52,10 +51,6 @@ class UCE(Method):
     rece_rounds: int = 3
     rece_lambda: float = 0.1
     robust_mode: str = "rece"
-    body_pairs: int = 16
-    body_keep: int = 24
-    body_timesteps: int = 3
-    body_lambda: float = 0.01
 
     def _prompt_sets(self, ctx) -> tuple[list[str], list[str], list[str], list[tuple[str, str]]]:
         """The request's prompts, drawn from the erase seed: target prompts, their anchor
@@ -86,21 +81,18 @@ class UCE(Method):
     @torch.no_grad()
     def apply_robust(self, ctx, robust=None) -> dict:
         """The robust edit: the body's channel maps are read from the model before the
-        request (`engine.body_edit`), the K/V are edited with RECE rounds (or, with
-        `robust_mode=mined`, with mined soft prompts), then the maps are applied."""
-        layers = ctx.family.body_convolutions(ctx.denoiser()) if self.body_pairs else {}
-        maps = self._body_maps(ctx, layers) if layers else {}
+        request (`engine.body_edit`, the `--robust` plug-in's `body_*` settings), the K/V are
+        edited with RECE rounds (or, with `robust_mode=mined`, with mined soft prompts), then
+        the maps are applied."""
+        from ..engine.robust import Robust
+
+        robust = robust or Robust()
+        layers = ctx.family.body_convolutions(ctx.denoiser()) if robust.body_pairs else {}
+        maps = request_channel_maps(ctx, layers, robust.body_pairs, robust.body_keep, robust.body_timesteps,
+                                    robust.body_lambda) if layers else {}
         mined = self.robust_mode == "mined"
         stats = self._apply_mined(ctx, robust) if mined else self._apply_rece(ctx)
         return {**stats, "body_layers": apply_channel_maps(layers, maps)}
-
-    def _body_maps(self, ctx, layers: dict) -> dict:
-        """The body edit's channel maps, read from the model before this request."""
-        pairs, keep = edit_prompts(ctx, np.random.default_rng(ctx.seed + 7), self.body_pairs, 2,
-                                   self.body_keep, max(1, self.body_pairs // 2))
-        prompts = ([t for t, _ in pairs], [a for _, a in pairs], keep)
-        steps = body_timesteps(self.body_timesteps, ctx.noise_scheduler.config.num_train_timesteps)
-        return body_channel_maps(ctx, layers, prompts, steps, self.body_lambda, ctx.seed + 101)
 
     @torch.no_grad()
     def _apply_rece(self, ctx) -> dict:
