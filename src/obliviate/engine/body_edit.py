@@ -12,14 +12,16 @@ prompts', earlier targets' as the model now reads them), one channel map per lay
 the body instead of the text. Why: an edit of the K/V changes where a word points, and a soft
 prompt finds another text state that reads as the target (UCE --robust's RECE rounds: star
 back at 0.92 under the quick ladder); the body then still draws it. With this edit the full
-36-rung ladder brings star back at worst 0.23 and 0.35 (erase seeds 0 and 1; the quick
-ladder ≤ 0.06) on the shipped model (docs/experiments.md, session 40).
+36-rung ladder brings star back at worst 0.23 and 0.35 after `uce --robust` and 0.06 and
+0.13 after `duge --robust` (erase seeds 0 and 1), which runs it in place of the hardening
+stage for a request naming only objects (`body_stage`; docs/experiments.md, sessions 40-41).
 Choices where nothing decides: every feature is read from the model before the request, for
 every layer at once; images are the lineage's original model's drawings (`base_latents`,
 cached per lineage); a target image is read under its own caption and under the empty one (a
 soft prompt is neither); a channel map per pixel rather than a map of 3×3 patches (no weaker
 under the quick ladder, at a fifth of the seconds); the coarse levels only (an object is laid
-out there; the mid block alone left the ladder at 0.69). Measured on an object (star) only. A
+out there; the mid block alone left the ladder at 0.69). Measured on objects; on every level
+for a style (striped) it cost dotted 0.25, so styles and colours are hardened instead. A
 transformer denoiser has no convolutions in its body, so there the edit changes nothing
 (`body_layers` 0).
 """

@@ -1,4 +1,7 @@
 """The hardening stage of `--robust`: ESD-u, held on what must stay, before the method runs.
+DUGE's default runs it for colour and style requests; a request naming only objects gets
+the closed-form body edit instead (engine.body_edit, `object_stage`), where the denoiser
+has convolutions to map.
 
     target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t))
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img
@@ -55,7 +58,7 @@ the target's conditioning but on its own removes less (UA 0.85). Together, on th
 model, star before the paired-image term: UA 1.00, the quick soft-prompt ladder at 0.04, the
 full one at 0.31; with it (and the memory images) 0.04 and 0.08. Striped's quick ladder:
 0.79 before, 0.08 with it (one seed each; docs/benchmarks.md).
-Not solved: UCE (its closed-form edit after this stage: 0.92). A white-box perturbation of
+A white-box perturbation of
 the conditioning still finds stars (the upper bound): the capability is out of a prompt's
 reach, not gone. Variants measured and dropped: docs/experiments.md, sessions 13-16.
 """
