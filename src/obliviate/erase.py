@@ -171,7 +171,8 @@ def erase(
             stats = m.apply_robust(ctx, adversary) if adversary else m.apply(ctx)
         else:
             body = body_stage(ctx, adversary)  # in place of the hardening stage, where it applies
-            hardened = harden(ctx, adversary) if adversary and adversary.harden_steps and not body else {}
+            hardening = adversary and adversary.harden_steps and not body
+            hardened = harden(ctx, adversary) if hardening else {}
             m.prepare(ctx)
             miner = adversary if adversary and adversary.mining else None
             if miner:

@@ -106,7 +106,8 @@ def request_channel_maps(ctx, layers: dict[str, nn.Conv2d], pairs: int, keep: in
     and their anchor counterparts, kept are 2 prompts per preserved concept, `keep` memory
     prompts and pairs/2 per earlier target (`closed_form.edit_prompts`, drawn at seed + 7),
     each read at `timesteps` timesteps (`body_timesteps`) on images drawn at seed + 101."""
-    drawn, kept = edit_prompts(ctx, np.random.default_rng(ctx.seed + 7), pairs, 2, keep, max(1, pairs // 2))
+    rng = np.random.default_rng(ctx.seed + 7)
+    drawn, kept = edit_prompts(ctx, rng, pairs, 2, keep, max(1, pairs // 2))
     prompts = ([t for t, _ in drawn], [a for _, a in drawn], kept)
     steps = body_timesteps(timesteps, ctx.noise_scheduler.config.num_train_timesteps)
     return body_channel_maps(ctx, layers, prompts, steps, lam, ctx.seed + 101)

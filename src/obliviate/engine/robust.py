@@ -20,10 +20,10 @@ second Robust whose pools are these: they are kept in the lineage the same way.
 Stages a gradient method's request runs under `--robust`: the hardening stage
 (`harden_steps`, engine.harden) or, on a request naming only objects with
 `object_stage="body"`, the closed-form body edit (engine.body_edit: `body_pairs`, `body_keep`,
-`body_timesteps`, `body_lambda`; read before the method's stage, applied after), the method's own stage (mining here when `mining`), and the
-repair stage (`repair_steps`, engine.repair), which holds what must stay to the lineage's
-original model with nothing to forget (`repair_hold`: and holds the removed targets' images
-to the model before it).
+`body_timesteps`, `body_lambda`; read before the method's stage, applied after), the
+method's own stage (mining here when `mining`), and the repair stage (`repair_steps`,
+engine.repair), which holds what must stay to the lineage's original model with nothing to
+forget (`repair_hold`: and holds the removed targets' images to the model before it).
 Choices and what they cost are in docs/experiments.md.
 """
 
@@ -81,7 +81,8 @@ _RANGES = {
     "harden_image_pairs": (1, None, False), "harden_image_memory": (0, None, False),
     "harden_replay": (0, None, False), "harden_replay_every": (1, None, False),
     "t_low": (0, 1000, False), "t_high": (0, 1000, False), "harden_image_t_high": (201, 1000, False),
-    "body_pairs": (0, None, False), "body_keep": (0, None, False), "body_timesteps": (1, None, False),
+    "body_pairs": (0, None, False), "body_keep": (0, None, False),
+    "body_timesteps": (1, None, False),
     "body_lambda": (0, None, True),
     "repair_steps": (0, None, False), "repair_prompts": (1, None, False), "repair_hold": (0, None, False),
 }

@@ -117,9 +117,9 @@ class DUGE(Method):
     # hard, a later style let star back after six requests, with or without a replay of
     # earlier targets under mined soft prompts (`harden_replay`, an option): docs/benchmarks.md,
     # experiments.md sessions 21 and 23); an object's stage (`object_stage=harden`) trains
-    # the coarse resolution levels only, so that fine textures such as dotted are not drawn differently (session 29);
-    # a colour's stage has no paired-image term: in a six-request chain red's let star back
-    # (experiments.md session 38)
+    # the coarse resolution levels only, so that fine textures such as dotted are not drawn
+    # differently (session 29); a colour's stage has no paired-image term: in a six-request
+    # chain red's let star back (experiments.md session 38)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "object_stage": "body",
                                  "harden_image": 2.0,
                                  "harden_image_attribute_factor": 0.0,

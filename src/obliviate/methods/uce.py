@@ -88,8 +88,8 @@ class UCE(Method):
 
         robust = robust or Robust()
         layers = ctx.family.body_convolutions(ctx.denoiser()) if robust.body_pairs else {}
-        maps = request_channel_maps(ctx, layers, robust.body_pairs, robust.body_keep, robust.body_timesteps,
-                                    robust.body_lambda) if layers else {}
+        maps = request_channel_maps(ctx, layers, robust.body_pairs, robust.body_keep,
+                                    robust.body_timesteps, robust.body_lambda) if layers else {}
         mined = self.robust_mode == "mined"
         stats = self._apply_mined(ctx, robust) if mined else self._apply_rece(ctx)
         return {**stats, "body_layers": apply_channel_maps(layers, maps)}
