@@ -100,33 +100,37 @@ def apply_channel_maps(layers: dict[str, nn.Conv2d], maps: dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def request_channel_maps(ctx, layers: dict[str, nn.Conv2d], pairs: int, keep: int, timesteps: int,
-                         lam: float) -> dict[str, torch.Tensor]:
-    """This request's channel maps, read from the model as it is now: `pairs` target prompts
-    and their anchor counterparts, kept are 2 prompts per preserved concept, `keep` memory
-    prompts and pairs/2 per earlier target (`closed_form.edit_prompts`, drawn at seed + 7),
-    each read at `timesteps` timesteps (`body_timesteps`) on images drawn at seed + 101."""
+def read_body_edit(ctx, robust) -> tuple[dict[str, nn.Conv2d], dict[str, torch.Tensor]]:
+    """The layers this request's body edit maps and their maps, read from the model as it is
+    now with the `--robust` plug-in's `body_*` settings: `body_pairs` target prompts and their
+    anchor counterparts; kept, 2 prompts per preserved concept, `body_keep` memory prompts and
+    body_pairs/2 per earlier target (`closed_form.edit_prompts`, drawn at seed + 7), each read
+    at `body_timesteps` timesteps on images drawn at seed + 101. No layers with `body_pairs=0`
+    or in a denoiser without convolutions."""
+    layers = ctx.family.body_convolutions(ctx.denoiser()) if robust.body_pairs else {}
+    if not layers:
+        return {}, {}
     rng = np.random.default_rng(ctx.seed + 7)
-    drawn, kept = edit_prompts(ctx, rng, pairs, 2, keep, max(1, pairs // 2))
+    pairs = robust.body_pairs
+    drawn, kept = edit_prompts(ctx, rng, pairs, 2, robust.body_keep, max(1, pairs // 2))
     prompts = ([t for t, _ in drawn], [a for _, a in drawn], kept)
-    steps = body_timesteps(timesteps, ctx.noise_scheduler.config.num_train_timesteps)
-    return body_channel_maps(ctx, layers, prompts, steps, lam, ctx.seed + 101)
+    steps = body_timesteps(robust.body_timesteps, ctx.noise_scheduler.config.num_train_timesteps)
+    maps = body_channel_maps(ctx, layers, prompts, steps, robust.body_lambda, ctx.seed + 101)
+    return layers, maps
 
 
 def body_stage(ctx, robust) -> tuple[dict, dict] | None:
     """`--robust`'s body edit for a gradient method (`object_stage="body"`): on a request that
-    names only objects, in a family whose body has convolutions, the layers and their maps,
-    read before the method's stage (applied after it, `apply_channel_maps`, in place of the
-    hardening stage); otherwise (or with `body_pairs=0`) None, and the hardening stage runs."""
-    if robust is None or robust.object_stage != "body" or not robust.body_pairs:
+    names only objects, the layers and their maps (`read_body_edit`), read before the
+    method's stage (applied after it, `apply_channel_maps`, in place of the hardening stage);
+    None where there is nothing to map (`body_pairs=0`, a transformer) or the request names a
+    colour or a style, and the hardening stage runs."""
+    if robust is None or robust.object_stage != "body":
         return None
     if {t.kind for t in ctx.request.targets} != {"object"}:
         return None
-    layers = ctx.family.body_convolutions(ctx.denoiser())
-    if not layers:
-        return None
-    return layers, request_channel_maps(ctx, layers, robust.body_pairs, robust.body_keep,
-                                        robust.body_timesteps, robust.body_lambda)
+    layers, maps = read_body_edit(ctx, robust)
+    return (layers, maps) if layers else None
 
 
 def body_timesteps(n: int, total: int) -> list[int]:

@@ -87,7 +87,8 @@ _RANGES = {
     "repair_steps": (0, None, False), "repair_prompts": (1, None, False), "repair_hold": (0, None, False),
 }
 # Allowed values of each text setting.
-_CHOICES = {"object_stage": ("harden", "body"), "harden_reference": ("empty", "anchor"), "harden_reference_style": ("empty", "anchor"),
+_CHOICES = {"object_stage": ("harden", "body"), "harden_reference": ("empty", "anchor"),
+            "harden_reference_style": ("empty", "anchor"),
             "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage")}
 
 

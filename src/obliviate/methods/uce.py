@@ -29,7 +29,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..engine.body_edit import apply_channel_maps, request_channel_maps
+from ..engine.body_edit import apply_channel_maps, read_body_edit
 from ..engine.closed_form import (edit_pooled_read, edit_projections, edit_prompts, text_columns,
                                   text_projections, uce_matrix)
 from .base import Method, register
@@ -86,10 +86,7 @@ class UCE(Method):
         the maps are applied."""
         from ..engine.robust import Robust
 
-        robust = robust or Robust()
-        layers = ctx.family.body_convolutions(ctx.denoiser()) if robust.body_pairs else {}
-        maps = request_channel_maps(ctx, layers, robust.body_pairs, robust.body_keep,
-                                    robust.body_timesteps, robust.body_lambda) if layers else {}
+        layers, maps = read_body_edit(ctx, robust or Robust())
         mined = self.robust_mode == "mined"
         stats = self._apply_mined(ctx, robust) if mined else self._apply_rece(ctx)
         return {**stats, "body_layers": apply_channel_maps(layers, maps)}
