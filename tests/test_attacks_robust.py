@@ -16,6 +16,7 @@ from obliviate.evaluate import softprompt
 from obliviate.evaluate.softprompt import Rung, SoftPromptAttack, softprompt_ladder
 from obliviate.evaluate.textattacks import conditioning_attack, hardprompt_attack
 from obliviate.families import family_of
+from obliviate.finetune import prompt_ids
 from obliviate.ledger import Ledger, pipeline_state
 from obliviate.request import Request
 from obliviate.shapes import vocab
@@ -61,6 +62,43 @@ def test_duge_robust_edits_an_objects_body_in_closed_form(shapes_base, tmp_path)
     assert convs and kv and changed == convs | kv
     assert result.stats["body_layers"] == len(convs) and "harden_seconds" not in result.stats
     assert Ledger.load(tmp_path / "b").entries[0].settings["robust"]["object_stage"] == "body"
+
+
+def test_duge_robust_holds_a_styles_coarse_levels_to_the_model_before(shapes_base, tmp_path):
+    """After a style's hardening stage and DUGE's edit, DUGE's --robust default sets the
+    coarse levels' convolutions in closed form (engine.body_hold): nothing else differs from
+    the same request without the hold, and prompts that must stay are predicted nearer to
+    the model before the request, while the target's stay as the stage left them."""
+    import torch
+
+    settings = {"harden_steps": 2, **SMALL_IMAGES, "hold_pairs": 4, "hold_memory": 8}
+    runs = {}
+    for hold in ("style", "off"):
+        pipe = load_pipeline(shapes_base)
+        result = erase(pipe, Request(("striped",)), robust={**settings, "body_hold": hold}, steps=2,
+                       batch_size=2, progress=False, out=tmp_path / hold)
+        runs[hold] = (pipe, result)
+    (held, result), (plain, plain_result) = runs["style"], runs["off"]
+    convs = {f"unet.{n}.weight" for n in family_of(held).body_convolutions(held.unet)}
+    ours, theirs = pipeline_state(held), pipeline_state(plain)
+    assert {k for k in ours if not torch.equal(ours[k], theirs[k])} == convs
+    assert result.stats["hold_layers"] == len(convs) and "hold_layers" not in plain_result.stats
+    assert Ledger.load(tmp_path / "style").entries[0].settings["robust"]["body_hold"] == "style"
+    before = load_pipeline(shapes_base)
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([300, 500, 700] * 2)
+
+    def eps(pipe, prompts):
+        ids = prompt_ids(pipe.tokenizer, prompts)
+        with torch.no_grad():
+            return pipe.unet(x, t, pipe.text_encoder(ids)[0]).sample
+
+    kept = ["a blue circle", "a dotted square", "a red triangle"] * 2
+    off = lambda pipe: (eps(pipe, kept) - eps(before, kept)).pow(2).mean()  # noqa: E731
+    assert off(held) < off(plain)
+    target = ["a striped square", "a striped circle", "a striped star"] * 2
+    moved = (eps(plain, target) - eps(before, target)).pow(2).mean()
+    assert (eps(held, target) - eps(plain, target)).pow(2).mean() < moved
 
 
 def test_duge_robust_hardens_the_unet_body_before_its_own_edit(shapes_base, tmp_path):
@@ -111,7 +149,6 @@ def test_the_hardening_holds_later_requests_to_the_lineage_original(shapes_base,
     import torch
 
     import obliviate.erase as erase_module
-    from obliviate.finetune import prompt_ids
 
     first = load_pipeline(shapes_base)
     erase(first, Request(("star",)), method="esd", options={"variant": "u", "lr": 1e-2}, out=tmp_path / "1",

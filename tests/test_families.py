@@ -219,6 +219,10 @@ def test_duge_robust_hardens_the_body_on_every_family(tmp_path, monkeypatch, fam
         assert {k for k in changed if not kv(k)} == convs and "harden_seconds" not in result.stats
     else:  # a transformer: the hardening stage instead
         assert result.stats["harden_seconds"] > 0 and "body_layers" not in result.stats
+    # a style is hardened, then its coarse levels held in closed form where a UNet has them
+    styled = erase(load_pipeline(tmp_path / "out"), Request(("striped",)),
+                   robust={**robust, "harden_steps": 1, "hold_pairs": 2, "hold_memory": 2}, **FAST)
+    assert styled.stats["harden_seconds"] > 0 and styled.stats.get("hold_layers", 0) == len(convs)
     # the replay of earlier targets mines soft prompts: refused on this family, in one line
     with pytest.raises(ObliviateError, match="Stable Diffusion 1.x/2.x") as refused:
         erase(load_pipeline(tmp_path / "out"), Request(("square",)), robust={**robust, "harden_replay": 4}, **FAST)

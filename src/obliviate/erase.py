@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from .checkpoint import atomic_folder, checkpoint_meta
 from .concepts import world_for
 from .engine.body_edit import apply_channel_maps, body_stage
+from .engine.body_hold import apply_hold, hold_stage
 from .engine.context import EraseContext
 from .engine.data import LatentCache
 from .engine.harden import harden
@@ -172,6 +173,7 @@ def erase(
         else:
             body = body_stage(ctx, adversary)  # in place of the hardening stage, where it applies
             hardening = adversary and adversary.harden_steps and not body
+            held = hold_stage(ctx, adversary) if hardening else None  # read before the stage
             hardened = harden(ctx, adversary) if hardening else {}
             m.prepare(ctx)
             miner = adversary if adversary and adversary.mining else None
@@ -184,6 +186,8 @@ def erase(
             stats.update(hardened)
             if body:
                 stats["body_layers"] = apply_channel_maps(*body)
+            if held:
+                stats["hold_layers"] = apply_hold(ctx, held)
             if adversary and adversary.repair_steps:
                 stats.update(repair(ctx, adversary))
     if gradient_checkpointing:

@@ -38,7 +38,7 @@ from .closed_form import edit_prompts, gram_matrix
 Prompts = tuple[list[str], list[str], list[str]]  # target, anchor and kept prompts (edit_prompts)
 
 
-def _channels(x: torch.Tensor) -> torch.Tensor:
+def channel_rows(x: torch.Tensor) -> torch.Tensor:
     """A conv input (B, C, H, W) as rows of channel vectors, float32."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float()
 
@@ -55,7 +55,7 @@ def body_channel_maps(ctx, layers: dict[str, nn.Conv2d], prompts: Prompts, times
     seen: dict[str, torch.Tensor] = {}
 
     def keep_input(name):
-        return lambda _module, args: seen.__setitem__(name, _channels(args[0]))
+        return lambda _module, args: seen.__setitem__(name, channel_rows(args[0]))
 
     hooks = [m.register_forward_pre_hook(keep_input(n)) for n, m in layers.items()]
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,8 @@
 """The hardening stage of `--robust`: ESD-u, held on what must stay, before the method runs.
 DUGE's default runs it for colour and style requests; a request naming only objects gets
 the closed-form body edit instead (engine.body_edit, `object_stage`), where the denoiser
-has convolutions to map.
+has convolutions to map. After a style's stage (and the method's) the coarse levels are held
+to the model before in closed form (engine.body_hold, `body_hold`).
 
     target = ε_φ(x_t, ∅, t) − η·(ε_φ(x_t, c_tgt, t) − ε_φ(x_t, ∅, t))
     L = ‖ε_θ(x_t, c_tgt, t) − target‖² + λ_keep·‖ε_θ(x_t, c_keep, t) − ε_0(x_t, c_keep, t)‖² + L_img

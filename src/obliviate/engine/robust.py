@@ -21,7 +21,9 @@ Stages a gradient method's request runs under `--robust`: the hardening stage
 (`harden_steps`, engine.harden) or, on a request naming only objects with
 `object_stage="body"`, the closed-form body edit (engine.body_edit: `body_pairs`, `body_keep`,
 `body_timesteps`, `body_lambda`; read before the method's stage, applied after), the
-method's own stage (mining here when `mining`), and the repair stage (`repair_steps`,
+method's own stage (mining here when `mining`), the closed-form hold of the coarse levels
+after a hardened request (`body_hold`: "style" for a request naming a style, "all", "off";
+engine.body_hold: `hold_pairs`, `hold_memory`, `hold_lambda`), and the repair stage (`repair_steps`,
 engine.repair), which holds what must stay to the lineage's original model with nothing to
 forget (`repair_hold`: and holds the removed targets' images to the model before it).
 Choices and what they cost are in docs/experiments.md.
@@ -84,10 +86,13 @@ _RANGES = {
     "body_pairs": (0, None, False), "body_keep": (0, None, False),
     "body_timesteps": (1, None, False),
     "body_lambda": (0, None, True),
+    "hold_pairs": (1, None, False), "hold_memory": (0, None, False),
+    "hold_lambda": (0, None, True),
     "repair_steps": (0, None, False), "repair_prompts": (1, None, False), "repair_hold": (0, None, False),
 }
 # Allowed values of each text setting.
-_CHOICES = {"object_stage": ("harden", "body"), "harden_reference": ("empty", "anchor"),
+_CHOICES = {"object_stage": ("harden", "body"), "body_hold": ("off", "style", "all"),
+            "harden_reference": ("empty", "anchor"),
             "harden_reference_style": ("empty", "anchor"),
             "harden_group_object": ("non-attn2", "non-attn2-deep"), "repair_group": ("non-attn2", "stage")}
 
@@ -102,6 +107,10 @@ class Robust:
     body_keep: int = 24
     body_timesteps: int = 3
     body_lambda: float = 0.01
+    body_hold: str = "off"
+    hold_pairs: int = 32
+    hold_memory: int = 96
+    hold_lambda: float = 0.01
     harden_steps: int = 0
     harden_lr: float = 1e-4
     harden_reference: str = "empty"

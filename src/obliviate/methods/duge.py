@@ -119,13 +119,16 @@ class DUGE(Method):
     # experiments.md sessions 21 and 23); an object's stage (`object_stage=harden`) trains
     # the coarse resolution levels only, so that fine textures such as dotted are not drawn
     # differently (session 29); a colour's stage has no paired-image term: in a six-request
-    # chain red's let star back (experiments.md session 38)
+    # chain red's let star back (experiments.md session 38); after a style's stage and
+    # DUGE's edit, the coarse levels are held to the model before in closed form
+    # (engine.body_hold, `body_hold=style`: striped's worst object 0.052 -> 0.039, session 42)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "object_stage": "body",
                                  "harden_image": 2.0,
                                  "harden_image_attribute_factor": 0.0,
                                  "harden_image_memory": 64, "harden_style_factor": 1.5,
                                  "harden_keep_prompts_style": 128,
                                  "harden_keep_style": 10.0, "harden_reference_style": "anchor",
+                                 "body_hold": "style",
                                  "harden_group_object": "non-attn2-deep"}
     option_choices: ClassVar[dict[str, tuple]] = {"attn_match": ("both", "probs", "output"),
                                                   "prior_target": ("teacher", "data", "attention"),
