@@ -14,8 +14,9 @@ Each side is read at its own fixed point (kept images through the model before, 
 through the model after), so the layers agree with each other once all are set.
 Why: a style's hardening stage trains the whole body, and the coarse levels, where a shape is
 laid out, lose a few hundredths of every object on the way (striped: the worst object 0.044,
-0.052, 0.052 on three erase seeds, issue 18 allows 0.05); the fine levels draw the texture
-itself and stay as the stage left them. Measured on striped (docs/experiments.md, session 42).
+0.052, 0.052 on three erase seeds, issue 18 allows 0.05; held, 0.034, 0.039, 0.036, and its
+full ladder 0.125 against 0.104); the fine levels draw the texture itself and stay as the
+stage left them. Measured on striped (docs/experiments.md, session 42).
 Choices where nothing decides: the kept images are the lineage's original model's drawings of
 `hold_memory` memory prompts, 4 prompts per preserved concept and hold_pairs/2 per earlier
 target (so earlier removals are held as they were); the target's, of `hold_pairs` prompts
