@@ -90,11 +90,16 @@ def body_channel_maps(ctx, layers: dict[str, nn.Conv2d], prompts: Prompts, times
     return {n: gram_matrix(g["ee"], g["ge"], g["pp"], ridge[n]) for n, g in grams.items()}
 
 
+def per_tap(weight: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """W[:, :, k, l]·M for every tap (k, l) of a conv kernel: Σ_i W[o, i, k, l]·M[i, j]."""
+    return torch.einsum("oikl,ij->ojkl", weight, m)
+
+
 @torch.no_grad()
 def apply_channel_maps(layers: dict[str, nn.Conv2d], maps: dict[str, torch.Tensor]) -> int:
     """W'[o, j, k, l] = Σ_i W[o, i, k, l]·M[i, j] for every layer; returns how many."""
     for name, conv in layers.items():
-        w = torch.einsum("oikl,ij->ojkl", conv.weight.double(), maps[name].to(conv.weight.device))
+        w = per_tap(conv.weight.double(), maps[name].to(conv.weight.device))
         conv.weight.copy_(w.to(conv.weight.dtype))
     return len(layers)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .body_edit import body_timesteps, channel_rows
+from .body_edit import body_timesteps, channel_rows, per_tap
 from .closed_form import edit_prompts
 
 PER_PRESERVED = 4
@@ -107,7 +107,6 @@ def apply_hold(ctx, held: dict) -> int:
         now, before = conv.weight.detach().double().cpu(), held["before"][name]
         ridge = held["lambda"] * float(torch.trace(keep + own)) / len(keep)
         inverse = torch.linalg.inv(ridge * torch.eye(len(keep), dtype=torch.float64) + keep + own)
-        tap = lambda w, m: torch.einsum("oikl,ij->ojkl", w, m)  # noqa: E731  every tap W_ij·M
-        weight = tap(ridge * now + tap(before, keep) + tap(now, own), inverse)
+        weight = per_tap(ridge * now + per_tap(before, keep) + per_tap(now, own), inverse)
         conv.weight.copy_(weight.to(conv.weight))
     return len(layers)

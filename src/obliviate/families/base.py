@@ -81,7 +81,8 @@ class Family:
     def body_convolutions(self, denoiser: nn.Module) -> dict[str, nn.Conv2d]:
         """The convolutions of the deeper levels (`deep_levels`) that `--robust`'s body edit
         maps (engine.body_edit; uce, and duge on an object request) and holds after a style's
-        hardening stage (engine.body_hold): where an object is laid out. Empty for a transformer denoiser, whose body has no convolutions to map."""
+        hardening stage (engine.body_hold): where an object is laid out. Empty for a
+        transformer denoiser, whose body has no convolutions to map."""
         deep = self.deep_levels(denoiser)
         if deep is None:
             return {}
