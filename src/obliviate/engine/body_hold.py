@@ -13,18 +13,17 @@ the minimiser of
 Each side is read at its own fixed point (kept images through the model before, the target's
 through the model after), so the layers agree with each other once all are set.
 Why: a style's hardening stage trains the whole body, and the coarse levels, where a shape is
-laid out, lose a few hundredths of every object on the way (striped: the worst object 0.044,
-0.052, 0.052 on three erase seeds, issue 18 allows 0.05; held, 0.034, 0.039, 0.036, and its
-full ladder 0.125 against 0.104); the fine levels draw the texture itself and stay as the
-stage left them. Measured on striped (docs/experiments.md, session 42).
+laid out, lose a few hundredths of every object on the way (over issue 18's 0.05 on two
+seeds of three for striped; held, under it on all three); the fine levels draw the texture
+itself and stay as the stage left them. Figures: docs/benchmarks.md and docs/experiments.md,
+session 42.
 Choices where nothing decides: the kept images are the lineage's original model's drawings of
 `hold_memory` memory prompts, 4 prompts per preserved concept and hold_pairs/2 per earlier
 target (so earlier removals are held as they were); the target's, of `hold_pairs` prompts
 naming it; each read at 3 timesteps (`body_edit.body_timesteps`) under its caption and the
 empty one; a map per kernel tap rather than per 3×3 patch (the same figures on striped, and
-its statistics are C×C, not 9C×9C, so it fits an SDXL UNet); the coarse levels only (on
-every level the stage's hold on striped was undone: a 4-token inversion brought it back at
-0.73).
+its statistics are C×C, not 9C×9C, so it fits an SDXL UNet); the coarse levels only (held on
+every level, striped came back under a 4-token inversion).
 """
 
 from __future__ import annotations

@@ -121,8 +121,7 @@ class DUGE(Method):
     # differently (session 29); a colour's stage has no paired-image term: in a six-request
     # chain red's let star back (experiments.md session 38); after a style's stage and
     # DUGE's edit, the coarse levels are held to the model before in closed form
-    # (engine.body_hold, `body_hold=style`: striped's worst object on three seeds
-    # 0.044-0.052 -> 0.034-0.039, session 42)
+    # (engine.body_hold, `body_hold=style`; experiments.md session 42)
     robust_settings: ClassVar = {"harden_steps": 100, "mining": False, "object_stage": "body",
                                  "harden_image": 2.0,
                                  "harden_image_attribute_factor": 0.0,
