@@ -24,8 +24,9 @@ Stages a gradient method's request runs under `--robust`: the hardening stage
 method's own stage (mining here when `mining`), the closed-form hold of the coarse levels
 after a hardened request (`body_hold`: "style" for a request naming a style, "all", "off";
 engine.body_hold: `hold_pairs`, `hold_memory`, `hold_lambda`), and the repair stage
-(`repair_steps`, engine.repair), which holds what must stay to the lineage's original model with nothing to
-forget (`repair_hold`: and holds the removed targets' images to the model before it).
+(`repair_steps`, engine.repair), which holds what must stay to the lineage's original model
+with nothing to forget (`repair_hold`: and holds the removed targets' images to the model
+before it).
 Choices and what they cost are in docs/experiments.md.
 """
 
